@@ -1,0 +1,306 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The sparse attention backend shared by every method: vLLM glue only.
+
+One decode step, per layer: write K/V into the paged cache, let the policy update its
+per-page state, run prefill rows densely (or, in evaluation mode, as decode steps),
+ask the policy which pages each decode query attends, attend to exactly those.
+"""
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
+                                       AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata, MultipleOf)
+from vllm_sparse import reference
+from vllm_sparse.config import SparseConfig, resolve_from_vllm
+from vllm_sparse.policies.base import DecodeQueries, SparsePolicy
+from vllm_sparse.policies.radar import RadarPolicy
+
+logger = logging.getLogger("vllm.vllm_sparse")
+SUPPORTED_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
+EVAL_CHUNK = 256
+"""Prefill queries evaluated as decode steps per chunk (bounds memory in eval mode)."""
+
+
+@dataclass
+class SparseMetadata:
+    """Per-step tensors, built once per step for all layers.
+
+    query_start_loc: [B + 1] (host list); seq_lens: [B] context incl. new tokens;
+    block_table: [B, max_pages]; slot_mapping: [T]; decode_rows: [Nd] rows with one new
+    token; prefill_rows: host list of the other rows.
+    """
+
+    num_actual_tokens: int
+    query_start_loc: list[int]
+    seq_lens: torch.Tensor
+    seq_lens_cpu: list[int]
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_token_index: torch.Tensor
+    prefill_rows: list[int]
+
+
+class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> SparseMetadata:
+        cm = common_attn_metadata
+        starts = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
+        seq_lens = cm.seq_lens[: cm.num_reqs]
+        query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+        decode = [i for i, n in enumerate(query_lens) if n == 1]
+        device = seq_lens.device
+        return SparseMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            query_start_loc=starts,
+            seq_lens=seq_lens,
+            seq_lens_cpu=seq_lens.cpu().tolist(),
+            block_table=cm.block_table_tensor[: cm.num_reqs],
+            slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
+            decode_rows=torch.tensor(decode, dtype=torch.long, device=device),
+            decode_token_index=torch.tensor([starts[i] for i in decode], dtype=torch.long,
+                                            device=device),
+            prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
+        )
+
+
+@dataclass
+class AttendedStats:
+    """Counters exposed for tests: decode queries (per KV head), tokens attended, context."""
+
+    queries: int = 0
+    attended_tokens: int = 0
+    context_tokens: int = 0
+    dense_queries: int = 0
+
+
+def _layer_index(layer_name: str) -> int | None:
+    match = re.search(r"\.(\d+)\.", f".{layer_name}.")
+    return int(match.group(1)) if match else None
+
+
+class SparseAttentionImpl(AttentionImpl):
+    """Writes K/V, runs dense prefill, and sparse decode through the layer's policy.
+
+    forward: query [T, Hq, D], key/value [T, Hkv, D], kv_cache [num_blocks, Hkv,
+    block_size, 2D] (any strides), output [T, Hq, D].
+    """
+
+    method: ClassVar[str | None] = None
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None,
+                 sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,
+                 attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None, **kwargs):
+        unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
+                       "logits_soft_cap": logits_soft_cap or None,
+                       "kv_sharing_target_layer_name": kv_sharing_target_layer_name,
+                       "sinks": kwargs.get("sinks")}
+        for name, value in unsupported.items():
+            if value is not None:
+                raise NotImplementedError(f"vllm_sparse: {name}={value!r} is not supported")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"vllm_sparse: attn_type={attn_type!r} is not supported; "
+                                      "supported: decoder")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.config: SparseConfig = resolve_from_vllm(get_current_vllm_config(), self.method)
+        self.layer_method: str | None = None
+        self.budget = None
+        self.policy: SparsePolicy | None = None
+        self.stats = AttendedStats()
+
+    def _bind_layer(self, layer_name: str) -> None:
+        self.layer_method, self.budget = self.config.for_layer(_layer_index(layer_name))
+        if self.layer_method == "radar":
+            self.policy = RadarPolicy(self.config.radar, self.head_size, self.scale)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vllm_sparse: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        if self.layer_method is None:
+            self._bind_layer(layer.layer_name)
+        md: SparseMetadata = attn_metadata
+        n = md.num_actual_tokens
+        reference.write_kv(kv_cache, key[:n], value[:n], md.slot_mapping)
+        if self.policy is not None:
+            self.policy.observe_write(kv_cache, md.slot_mapping)
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        for row in md.prefill_rows:
+            self._prefill(row, query, kv_cache, md, out)
+        if md.decode_rows.numel():
+            q = query[md.decode_token_index]
+            seq_lens = md.seq_lens[md.decode_rows]
+            out[md.decode_token_index] = self._attend_as_decode(
+                q, seq_lens, md.block_table[md.decode_rows], kv_cache)
+        return output
+
+    def _prefill(self, row, query, kv_cache, md: SparseMetadata, out) -> None:
+        start, end = md.query_start_loc[row], md.query_start_loc[row + 1]
+        seq_len = md.seq_lens_cpu[row]
+        out[start:end] = reference.dense_prefill(query[start:end], kv_cache, md.block_table[row],
+                                                 seq_len, self.scale)
+        sparse_from = self.config.eval_sparse_prefill_from
+        if sparse_from is None or self.policy is None:
+            return
+        first_pos = seq_len - (end - start)
+        skip = max(0, sparse_from - first_pos)
+        for chunk in range(start + skip, end, EVAL_CHUNK):
+            stop = min(chunk + EVAL_CHUNK, end)
+            positions = torch.arange(chunk - start + first_pos, stop - start + first_pos,
+                                     device=query.device)
+            out[chunk:stop] = self._attend_as_decode(
+                query[chunk:stop], positions + 1,
+                md.block_table[row].expand(stop - chunk, -1), kv_cache, gather=False)
+
+    def _budgets(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.budget, float):
+            return (seq_lens.double() * self.budget).floor().long().clamp(min=1)
+        return torch.full_like(seq_lens, self.budget, dtype=torch.long)
+
+    def _attend_as_decode(self, query, seq_lens, block_table, kv_cache, gather=True):
+        """Attention of query [N, Hq, D], row i at context seq_lens[i], as decode steps.
+
+        gather=True (real decode): each row reads only its selected tokens.
+        gather=False (evaluation mode, rows of one request): the request's context is
+        read once and each row attends through its selection mask.
+        """
+        seq_lens = seq_lens.long()
+        budgets = self._budgets(seq_lens)
+        dense = budgets >= seq_lens
+        if self.policy is None:
+            dense = torch.ones_like(dense)
+        elif dense.any() and not _dense_logged:
+            _dense_logged.add(True)
+            logger.info("vllm_sparse: a context within its budget (%s tokens or fewer) is "
+                        "attended densely (logged once)", self.budget)
+        selection = None
+        if not dense.all():
+            queries = DecodeQueries(query, seq_lens, block_table, budgets)
+            selection = self.policy.select(queries, kv_cache)
+        block_size = kv_cache.shape[2]
+        if gather:
+            positions, valid = reference.selection_positions(
+                selection.pages if selection else _no_pages(query, self.num_kv_heads),
+                seq_lens, selection.num_sink_tokens if selection else 0,
+                selection.local_window if selection else 0, block_size)
+            positions, valid = _with_dense_rows(positions, valid, dense, seq_lens)
+            key, value = reference.gather_kv(kv_cache, block_table, positions)
+        else:
+            length = int(seq_lens.max())
+            positions = torch.arange(length, device=query.device)
+            valid = (positions < seq_lens[:, None, None]).expand(-1, self.num_kv_heads, -1)
+            if selection is not None:
+                sparse_mask = reference.selection_mask(
+                    selection.pages, seq_lens, selection.num_sink_tokens,
+                    selection.local_window, block_size, length)
+                valid = torch.where(dense[:, None, None], valid, sparse_mask)
+            key, value = reference.gather_kv(kv_cache, block_table[:1],
+                                             positions.expand(1, self.num_kv_heads, -1))
+        self._count(valid, seq_lens, int(dense.sum()))
+        return reference.attend(query, key, value, valid, self.scale)[0]
+
+    def _count(self, valid: torch.Tensor, seq_lens: torch.Tensor, num_dense: int) -> None:
+        stats = self.stats
+        stats.queries += valid.shape[0] * valid.shape[1]
+        stats.attended_tokens += int(valid.sum())
+        stats.context_tokens += int(seq_lens.sum()) * valid.shape[1]
+        stats.dense_queries += num_dense
+
+
+_dense_logged: set = set()
+
+
+def _no_pages(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    return torch.full((query.shape[0], num_kv_heads, 0), -1, dtype=torch.long, device=query.device)
+
+
+def _with_dense_rows(positions, valid, dense, seq_lens):
+    """Replace the rows flagged `dense` by their whole context [0, seq_len)."""
+    if not dense.any():
+        return positions, valid
+    length = max(positions.shape[-1], int(seq_lens[dense].max()))
+    pad = length - positions.shape[-1]
+    positions = torch.nn.functional.pad(positions, (0, pad))
+    valid = torch.nn.functional.pad(valid, (0, pad))
+    every = torch.arange(length, device=positions.device).expand_as(positions)
+    every_ok = every < seq_lens[:, None, None]
+    rows = dense[:, None, None]
+    return torch.where(rows, every, positions), torch.where(rows, every_ok, valid)
+
+
+class SparseAttentionBackend(AttentionBackend):
+    """Capabilities shared by every method's backend."""
+
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    method: ClassVar[str | None] = None
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return SUPPORTED_HEAD_SIZES
+
+    @staticmethod
+    def get_builder_cls():
+        return SparseMetadataBuilder
+
+    @classmethod
+    def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, **kwargs):
+        """vLLM's checks, with the bad value and the allowed ones named."""
+        reasons = super().validate_configuration(head_size=head_size, dtype=dtype,
+                                                 kv_cache_dtype=kv_cache_dtype,
+                                                 block_size=block_size, **kwargs)
+        detail = {
+            "head_size not supported": f"head_size={head_size} not supported "
+                                       f"(supported: {SUPPORTED_HEAD_SIZES})",
+            "dtype not supported": f"dtype={dtype} not supported (supported: "
+                                   f"{[str(d) for d in cls.supported_dtypes]})",
+            "kv_cache_dtype not supported": f"kv_cache_dtype={kv_cache_dtype!r} not supported "
+                                            f"(supported: {cls.supported_kv_cache_dtypes})",
+            "block_size not supported": f"block_size={block_size} not supported "
+                                        "(supported: multiples of 16)",
+        }
+        return [detail.get(r, r) for r in reasons]
+
+
+def _backend(name: str, cls_prefix: str, method: str | None):
+    """A backend class and its impl for one registered name (one per method, plus CUSTOM)."""
+    impl = type(f"{cls_prefix}Impl", (SparseAttentionImpl,), {"method": method,
+                                                              "__module__": __name__})
+    backend = type(f"{cls_prefix}Backend", (SparseAttentionBackend,), {
+        "__module__": __name__,
+        "method": method,
+        "get_name": staticmethod(lambda: name),
+        "get_impl_cls": staticmethod(lambda: impl),
+        "__doc__": f"`--attention-backend {name.lower()}`"
+                   + (f": method {method}." if method else ": the method named in the config."),
+    })
+    return backend, impl
+
+
+RadarBackend, RadarImpl = _backend("RADAR", "Radar", "radar")
+RecycledBackend, RecycledImpl = _backend("RECYCLED", "Recycled", "recycled")
+NatsBackend, NatsImpl = _backend("NATS", "Nats", "nats")
+SparseKBackend, SparseKImpl = _backend("SPARSEK", "SparseK", "sparsek")
+CustomBackend, CustomImpl = _backend("CUSTOM", "Custom", None)

@@ -1,0 +1,150 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Radar: top-k segment search with random-feature summaries, on whole KV pages.
+
+Radar estimates how much attention a query gives each segment of the context with
+positive random features, phi(q) . sum_j phi(k_j) ~ sum_j exp(q . k_j * scale), and
+attends exactly to the sinks, the local window and the k best segments.
+Based on https://openreview.net/forum?id=1Uh1QDYz6n (Hao et al., ICLR 2025).
+
+Differences from the paper's code, all deliberate:
+- Summaries are kept per KV page (a full page's summary is computed once, when its last
+  slot is written, from the keys in the cache), indexed by physical block id. A segment
+  is a run of c consecutive pages and its summary is the sum of theirs, so the paper's
+  rebuild as the context doubles is a free regrouping, and summaries are shared by
+  prefix caching and rebuilt by recompute after preemption.
+- Segment length c = max(1, round(sqrt(T_ref) / aspect_ratio / block_size)) pages,
+  T_ref the context rounded down to a power of two (so c changes only when it doubles).
+- Summaries are stored in the log domain (sum of exp(f - m) and the page max m), so no
+  per-head normaliser is needed and pages are comparable for ever.
+- Selection is per KV head: each query head's page scores are normalised over the
+  candidate pages (estimated attention shares), summed over the query heads of the
+  group, then summed per segment. One page list per KV head keeps the budget exact
+  (the paper's per-query-head choice gathers up to group-size times more KV).
+- The budget counts sinks and window; a budget smaller than both shrinks the sinks to
+  at most the budget and the window to what is left.
+- Candidate pages are the full pages that start before the local window; the partial
+  remainder the paper attends densely lies in the window when local_window >= block_size.
+
+Parameters: see `vllm_sparse.config.RadarConfig`.
+"""
+
+import math
+
+import torch
+
+from vllm_sparse.config import RadarConfig
+from vllm_sparse.policies.base import DecodeQueries, Selection, SparsePolicy
+
+
+def radar_projection(head_size: int, projection_dim: int, seed: int) -> torch.Tensor:
+    """The Gaussian projection [D, n], identical on every rank and run for one seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(head_size, projection_dim, generator=generator, dtype=torch.float32)
+
+
+def log_features(x: torch.Tensor, projection: torch.Tensor, scale: float) -> torch.Tensor:
+    """log phi(x) [..., 2n] for x [..., D]: [w.x' - |x'|^2/2, -w.x' - |x'|^2/2], x' = x sqrt(scale)."""
+    x = x.float() * math.sqrt(scale)
+    proj = x @ projection
+    half_norm = (x * x).sum(-1, keepdim=True) / 2
+    return torch.cat([proj - half_norm, -proj - half_norm], dim=-1)
+
+
+def segment_pages(seq_lens: torch.Tensor, aspect_ratio: float, block_size: int) -> torch.Tensor:
+    """Pages per segment [N] for contexts `seq_lens` [N]."""
+    t_ref = torch.exp2(torch.floor(torch.log2(seq_lens.clamp(min=1).double())))
+    pages = torch.round(t_ref.sqrt() / aspect_ratio / block_size)
+    return pages.clamp(min=1).long()
+
+
+class RadarPolicy(SparsePolicy):
+    """Radar selection over per-page random-feature summaries (module docstring).
+
+    State: summaries [num_blocks, Hkv, 2n] fp32 and page maxima [num_blocks, Hkv],
+    allocated on the first write, indexed by physical block id.
+    """
+
+    def __init__(self, config: RadarConfig, head_size: int, scale: float):
+        self.config = config
+        self.num_sink_tokens = config.num_sink_tokens
+        self.local_window = config.local_window
+        self.scale = scale
+        self.head_size = head_size
+        self.projection = radar_projection(head_size, config.projection_dim, config.seed)
+        self.summaries: torch.Tensor | None = None
+        self.page_max: torch.Tensor | None = None
+
+    def _ensure_state(self, kv_cache: torch.Tensor) -> None:
+        if self.summaries is None:
+            num_blocks, num_kv_heads = kv_cache.shape[:2]
+            features = 2 * self.config.projection_dim
+            self.projection = self.projection.to(kv_cache.device)
+            self.summaries = torch.zeros(num_blocks, num_kv_heads, features,
+                                         dtype=torch.float32, device=kv_cache.device)
+            self.page_max = torch.full((num_blocks, num_kv_heads), float("-inf"),
+                                       device=kv_cache.device)
+
+    def observe_write(self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Summarise every page whose last slot was written this step (idempotent)."""
+        self._ensure_state(kv_cache)
+        block_size = kv_cache.shape[2]
+        last = slot_mapping[(slot_mapping >= 0) & (slot_mapping % block_size == block_size - 1)]
+        if last.numel() == 0:
+            return
+        blocks = (last.long() // block_size).unique()
+        feats = log_features(kv_cache[blocks, :, :, : self.head_size], self.projection, self.scale)
+        page_max = feats.amax(dim=(2, 3))
+        self.summaries[blocks] = torch.exp(feats - page_max[..., None, None]).sum(dim=2)
+        self.page_max[blocks] = page_max
+
+    def page_scores(self, queries: DecodeQueries, num_pages: torch.Tensor) -> torch.Tensor:
+        """Estimated attention share of each candidate page [N, Hkv, P], summed over the group."""
+        num_rows, num_heads, _ = queries.query.shape
+        max_pages = int(num_pages.max())
+        blocks = queries.block_table[:, :max_pages].long()
+        summaries = self.summaries[blocks].transpose(1, 2)         # [N, Hkv, P, F]
+        page_max = self.page_max[blocks].transpose(1, 2)           # [N, Hkv, P]
+        num_kv_heads = summaries.shape[1]
+        q_feats = log_features(queries.query, self.projection, self.scale)
+        q_feats = torch.exp(q_feats - q_feats.amax(-1, keepdim=True))
+        q_feats = q_feats.view(num_rows, num_kv_heads, num_heads // num_kv_heads, -1)
+        logits = torch.einsum("nhgf,nhpf->nhgp", q_feats, summaries).log() + page_max[:, :, None]
+        valid = torch.arange(max_pages, device=logits.device) < num_pages[:, None]
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        shares = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        return shares.sum(dim=2)
+
+    def select(self, queries: DecodeQueries, kv_cache: torch.Tensor) -> Selection:
+        block_size = kv_cache.shape[2]
+        seq_lens, budgets = queries.seq_lens.long(), queries.budgets.long()
+        # a budget smaller than sinks + window shrinks them: sinks first, then the window
+        sinks = budgets.clamp(max=self.num_sink_tokens)
+        window = (budgets - sinks).clamp(max=self.local_window)
+        window_start = (seq_lens - window).clamp(min=0)
+        num_pages = torch.minimum(-(-window_start // block_size), seq_lens // block_size)
+        seg_pages = segment_pages(seq_lens, self.config.aspect_ratio, block_size)
+        num_segments = -(-num_pages // seg_pages)
+        spare = budgets - sinks - window
+        k = torch.minimum((spare // (seg_pages * block_size)).clamp(min=0), num_segments)
+        num_rows, num_kv_heads = queries.query.shape[0], kv_cache.shape[1]
+        k_max = int(k.max()) if num_rows else 0
+        if k_max == 0:
+            return Selection(torch.full((num_rows, num_kv_heads, 0), -1, dtype=torch.long,
+                                        device=kv_cache.device), sinks, window)
+        shares = self.page_scores(queries, num_pages)                # [N, Hkv, P]
+        page_ids = torch.arange(shares.shape[-1], device=shares.device)
+        max_segments = int(num_segments.max())
+        # pages past a row's candidates have zero share; clamp their segment into range
+        segment_of = (page_ids // seg_pages[:, None]).clamp(max=max_segments - 1)
+        seg_scores = torch.zeros(num_rows, num_kv_heads, max_segments, device=shares.device)
+        seg_scores.scatter_add_(-1, segment_of[:, None].expand_as(shares), shares)
+        seg_valid = torch.arange(seg_scores.shape[-1], device=shares.device) < num_segments[:, None]
+        seg_scores = seg_scores.masked_fill(~seg_valid[:, None], float("-inf"))
+        best = seg_scores.topk(k_max, dim=-1).indices                 # [N, Hkv, k_max]
+        rank_ok = torch.arange(k_max, device=best.device) < k[:, None, None]
+        c_max = int(seg_pages.max())
+        offsets = torch.arange(c_max, device=best.device)
+        pages = best[..., None] * seg_pages[:, None, None, None] + offsets
+        ok = (rank_ok[..., None] & (offsets < seg_pages[:, None, None, None])
+              & (pages < num_pages[:, None, None, None]))
+        return Selection(pages.where(ok, -1).flatten(2), sinks, window)

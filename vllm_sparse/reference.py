@@ -1,0 +1,128 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Pure-torch mechanism over vLLM's paged KV cache: the CPU path and the test oracle.
+
+Cache layout (vLLM 0.32's logical per-layer view, any strides):
+    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]; keys are
+    `kv_cache[..., :D]`, values `kv_cache[..., D:]`. Token t of a sequence lives in
+    block `block_table[t // block_size]` at offset `t % block_size`.
+
+A page-mode selection is `pages: [N, Hkv, K]` int (logical page ids, -1 padded) plus
+per-row `num_sink_tokens` S and `local_window` W ([N] tensors, or ints for all rows).
+The attended set of (row n, KV head h) is the union, each token once, of the sinks
+`t < S`, the window `T - W <= t < T` and every token of the selected pages, all limited
+to `t < T` (T = `seq_lens[n]`, the current token included).
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store key/value [T, Hkv, D] at `slot_mapping` [T] (slot = block * bs + offset; < 0 skipped)."""
+    head_size = key.shape[-1]
+    block_size = kv_cache.shape[2]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[blocks, :, offsets, :head_size] = key[valid].to(kv_cache.dtype)
+    kv_cache[blocks, :, offsets, head_size:] = value[valid].to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
+              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [N, Hkv, L, D] at logical `positions` [N, Hkv, L] (must be >= 0)."""
+    num_rows, num_kv_heads, length = positions.shape
+    block_size, head_size = kv_cache.shape[2], kv_cache.shape[3] // 2
+    page = (positions // block_size).reshape(num_rows, -1)
+    blocks = block_table.long().gather(1, page).view_as(positions)
+    heads = torch.arange(num_kv_heads, device=positions.device)[None, :, None]
+    kv = kv_cache[blocks, heads, positions % block_size]
+    return kv[..., :head_size], kv[..., head_size:]
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           valid: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of query [N, Hq, D] over key/value [N, Hkv, L, D] where valid [N, Hkv, L].
+
+    key/value may have a leading dim of 1 (one request's context shared by all rows).
+    Returns (out [N, Hq, D] in query's dtype, lse [N, Hq] fp32). GQA: query head h
+    reads KV head h // (Hq // Hkv).
+    """
+    num_rows, num_heads, head_size = query.shape
+    num_kv_heads = key.shape[1]
+    q = query.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_size).float()
+    kv_rows = "" if key.shape[0] == 1 and num_rows > 1 else "n"
+    if not kv_rows:
+        key, value = key[0], value[0]
+    scores = torch.einsum(f"nhgd,{kv_rows}hld->nhgl", q, key.float()) * scale
+    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    out = torch.einsum(f"nhgl,{kv_rows}hld->nhgd", probs, value.float())
+    return out.reshape(num_rows, num_heads, head_size).to(query.dtype), lse.reshape(num_rows, num_heads)
+
+
+def _per_row(value, seq_lens: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, device=seq_lens.device).long().expand(seq_lens.shape[0])
+
+
+def selection_positions(pages: torch.Tensor, seq_lens: torch.Tensor, num_sink_tokens,
+                        local_window, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logical positions [N, Hkv, L] and validity of a page-mode selection (module docstring)."""
+    num_rows, num_kv_heads, _ = pages.shape
+    device = pages.device
+    ctx = seq_lens.long()[:, None, None]
+    sinks_n = _per_row(num_sink_tokens, seq_lens)[:, None, None]
+    window_n = _per_row(local_window, seq_lens)[:, None, None]
+    max_sinks = int(sinks_n.max()) if num_rows else 0
+    max_window = int(window_n.max()) if num_rows else 0
+    sinks = torch.arange(max_sinks, device=device).expand(num_rows, 1, -1)
+    window = ctx - max_window + torch.arange(max_window, device=device)
+    in_pages = (pages.long()[..., None] * block_size + torch.arange(block_size, device=device))
+    in_pages = in_pages.flatten(2)
+    page_ok = (pages >= 0).repeat_interleave(block_size, dim=-1)
+    positions = torch.cat([sinks.expand(-1, num_kv_heads, -1),
+                           window.expand(-1, num_kv_heads, -1), in_pages], dim=-1)
+    valid = torch.cat([
+        ((sinks < sinks_n) & (sinks < ctx)).expand(-1, num_kv_heads, -1),
+        ((window >= ctx - window_n) & (window >= sinks_n)).expand(-1, num_kv_heads, -1),
+        page_ok & (in_pages >= sinks_n) & (in_pages < ctx - window_n),
+    ], dim=-1)
+    return positions.where(valid, 0), valid
+
+
+def selection_mask(pages: torch.Tensor, seq_lens: torch.Tensor, num_sink_tokens,
+                   local_window, block_size: int, length: int) -> torch.Tensor:
+    """The same selection as a boolean mask [N, Hkv, length] over logical positions."""
+    num_rows, num_kv_heads, _ = pages.shape
+    num_pages = -(-length // block_size)
+    page_mask = torch.zeros(num_rows, num_kv_heads, num_pages + 1, dtype=torch.bool,
+                            device=pages.device)
+    page_mask.scatter_(-1, pages.long().where(pages >= 0, num_pages), True)
+    mask = page_mask[..., :num_pages].repeat_interleave(block_size, dim=-1)[..., :length]
+    pos = torch.arange(length, device=pages.device)
+    ctx = seq_lens.long()[:, None, None]
+    sinks_n = _per_row(num_sink_tokens, seq_lens)[:, None, None]
+    window_n = _per_row(local_window, seq_lens)[:, None, None]
+    mask |= (pos < sinks_n) | (pos >= ctx - window_n)
+    return mask & (pos < ctx)
+
+
+def dense_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_table_row: torch.Tensor,
+                  seq_len: int, scale: float) -> torch.Tensor:
+    """Causal attention of one request's new tokens, query [Q, Hq, D], over its whole context.
+
+    The query tokens are the last Q of the `seq_len` context tokens (chunked prefill and
+    prefix-cache hits included); their K/V must already be in the cache.
+    """
+    num_tokens, num_heads, head_size = query.shape
+    num_kv_heads = kv_cache.shape[1]
+    positions = torch.arange(seq_len, device=query.device).expand(1, num_kv_heads, -1)
+    key, value = gather_kv(kv_cache, block_table_row[None], positions)
+    q_pos = torch.arange(seq_len - num_tokens, seq_len, device=query.device)
+    causal = q_pos[:, None] >= torch.arange(seq_len, device=query.device)[None, :]
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1)[None], key.to(query.dtype), value.to(query.dtype),
+        attn_mask=causal, scale=scale, enable_gqa=num_heads != num_kv_heads)
+    return out[0].transpose(0, 1)
