@@ -95,6 +95,11 @@ def _patch_cpu_platform() -> None:
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if is_sparse_backend(selected_backend) and not attn_selector_config.use_mla:
+            reasons = selected_backend.get_class().validate_configuration(
+                device_capability=None, **attn_selector_config._asdict())
+            if reasons:  # the same message vLLM's CUDA platform gives
+                raise ValueError(f"Selected backend {selected_backend.name} is not valid for "
+                                 f"this configuration. Reason: {reasons}")
             logger.info("vllm_sparse: using %s attention on CPU", selected_backend.name)
             return selected_backend.get_path()
         return original_select(cls, selected_backend, attn_selector_config, num_heads)
@@ -110,6 +115,8 @@ def _patch_cpu_platform() -> None:
             )
             cache.block_size = CPU_DEFAULT_BLOCK_SIZE
 
+    get_attn_backend_cls.__wrapped_original__ = original_select
+    check_and_update_config.__wrapped_original__ = original_update
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
     CpuPlatform._vllm_sparse_patched = True

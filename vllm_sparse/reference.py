@@ -120,9 +120,13 @@ def dense_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_table_row: 
     num_kv_heads = kv_cache.shape[1]
     positions = torch.arange(seq_len, device=query.device).expand(1, num_kv_heads, -1)
     key, value = gather_kv(kv_cache, block_table_row[None], positions)
-    q_pos = torch.arange(seq_len - num_tokens, seq_len, device=query.device)
-    causal = q_pos[:, None] >= torch.arange(seq_len, device=query.device)[None, :]
+    if seq_len == num_tokens:  # no earlier context: SDPA's causal fast path
+        mask = None
+    else:
+        q_pos = torch.arange(seq_len - num_tokens, seq_len, device=query.device)
+        mask = q_pos[:, None] >= torch.arange(seq_len, device=query.device)[None, :]
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1)[None], key.to(query.dtype), value.to(query.dtype),
-        attn_mask=causal, scale=scale, enable_gqa=num_heads != num_kv_heads)
+        attn_mask=mask, is_causal=mask is None, scale=scale,
+        enable_gqa=num_heads != num_kv_heads)
     return out[0].transpose(0, 1)
