@@ -31,12 +31,13 @@ All dots run on fp32 operands with input_precision "ieee", so the kernels follow
 fp32 torch math of `RadarPolicy` (`*_ref` below reproduce it exactly) for any key dtype.
 """
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from .split_merge import default_num_splits
 
 
 @triton.jit
@@ -241,11 +242,6 @@ def _page_shares_kernel(
              tl.where(valid, share, 0.0), mask=page < max_pages)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
@@ -299,14 +295,6 @@ def radar_summarize_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, projecti
     )
 
 
-def _default_num_splits(query, n_rows, hkv, n_tiles) -> int:
-    """About 2 waves of programs, at least 4 page tiles per split; shape-only (no sync)."""
-    if not query.is_cuda:
-        return 1
-    target = 2 * _num_sms(query.device.index if query.device.index is not None else torch.cuda.current_device())
-    return max(1, min(triton.cdiv(target, max(n_rows * hkv, 1)), triton.cdiv(n_tiles, 4), 64))
-
-
 def radar_page_scores(query: torch.Tensor, summaries: torch.Tensor, page_max: torch.Tensor,
                       block_table: torch.Tensor, num_pages: torch.Tensor, projection: torch.Tensor, scale: float,
                       *, max_pages: int | None = None, num_splits: int | None = None,
@@ -349,7 +337,7 @@ def radar_page_scores(query: torch.Tensor, summaries: torch.Tensor, page_max: to
     block_p = block_p or max(16, min(64, 4096 // block_f))
     assert block_p >= 16 and block_p & (block_p - 1) == 0, "block_p must be a power of two >= 16"
     n_tiles = triton.cdiv(max_pages, block_p)
-    num_splits = num_splits or _default_num_splits(query, n_rows, hkv, n_tiles)
+    num_splits = num_splits or default_num_splits(query, n_rows * hkv, n_tiles, min_tiles_per_split=4)
     logits = torch.empty((n_rows, hq, max_pages), dtype=torch.float32, device=query.device)
     m_buf = torch.empty((n_rows, hq, num_splits), dtype=torch.float32, device=query.device)
     l_buf = torch.empty_like(m_buf)

@@ -36,17 +36,18 @@ Implementation, three launches:
    partial output and its LSE, and stores the raw logits ``scale*log2(e)*q.k`` of
    every token into an fp32 scratch [N, Hq, L]. Storing logits (Hq*4 bytes per
    token) is far cheaper than re-reading K in a second pass (Hkv*D*2 bytes).
-2. ``_merge_splits_kernel``, grid ``(N, Hq)`` (only when ``num_splits > 1``):
+2. ``split_merge.merge_splits``, grid ``(N, Hq)`` (only when ``num_splits > 1``):
    combines the partials into ``out`` and the per-head LSE.
 3. ``_scores_kernel``, grid ``(N, Hkv, cdiv(L, BLOCK_T))``:
    ``scores = max_h exp2(logit_h - lse_h)``, zero beyond ``T_i``.
 """
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from .split_merge import default_num_splits, merge_splits
 
 _LOG2E = 1.4426950408889634
 
@@ -133,44 +134,6 @@ def _decode_logits_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(
-    o_part_ptr,  # [N, Hq, NUM_SPLITS, D] fp32
-    lse_part_ptr,  # [N, Hq, NUM_SPLITS] fp32, log2 units
-    out_ptr,  # [N, Hq, D]
-    lse_ptr,  # [N, Hq] fp32, log2 units
-    stride_op_seq, stride_op_head, stride_op_split, stride_op_dim,
-    stride_lp_seq, stride_lp_head, stride_lp_split,
-    stride_out_seq, stride_out_head, stride_out_dim,
-    stride_lse_seq, stride_lse_head,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # NUM_SPLITS padded to a power of two
-):
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
-    d_mask = offs_d < HEAD_DIM
-
-    lse_s = tl.load(lse_part_ptr + seq * stride_lp_seq + head * stride_lp_head + offs_s * stride_lp_split,
-                    mask=s_mask, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse_s - m_safe)  # 0 for empty splits
-    total = tl.sum(w, 0)
-    o_s = tl.load(o_part_ptr + seq * stride_op_seq + head * stride_op_head + offs_s[:, None] * stride_op_split
-                  + offs_d[None, :] * stride_op_dim, mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    total_safe = tl.where(total > 0.0, total, 1.0)
-    o = tl.sum(w[:, None] * o_s, 0) / total_safe
-    lse = tl.where(total > 0.0, m_safe + tl.log2(total_safe), float("-inf"))
-    tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + offs_d * stride_out_dim,
-             o.to(out_ptr.dtype.element_ty), mask=d_mask)
-    tl.store(lse_ptr + seq * stride_lse_seq + head * stride_lse_head, lse)
-
-
-@triton.jit
 def _scores_kernel(
     logits_ptr,  # [N, Hq, L] fp32, log2 units
     lse_ptr,  # [N, Hq] fp32, log2 units
@@ -199,21 +162,6 @@ def _scores_kernel(
                 mask=g_mask[:, None] & valid[None, :], other=float("-inf"))
     p = tl.max(tl.exp2(s - lse[:, None]), 0)  # [BLOCK_T]; 0 beyond T and for padded heads
     tl.store(scores_ptr + seq * stride_sc_seq + kvh * stride_sc_head + tok * stride_sc_tok, p, mask=tok < max_len)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _default_num_splits(query, n_seq, n_kv_heads, max_tokens, block_n) -> int:
-    """Enough programs for ~2 waves on the GPU, at least 2 tiles per split; shape-only (no sync)."""
-    if not query.is_cuda:
-        return 1
-    target_programs = 2 * _num_sms(query.device.index if query.device.index is not None
-                                   else torch.cuda.current_device())
-    max_tiles = triton.cdiv(max(max_tokens, 1), block_n)
-    return max(1, min(triton.cdiv(target_programs, max(n_seq * n_kv_heads, 1)), triton.cdiv(max_tiles, 2), 64))
 
 
 def _check_args(query, kv_cache, block_table, seq_lens):
@@ -274,7 +222,7 @@ def decode_with_scores(
     if n == 0:
         return out, scores_out
     if num_splits is None:
-        num_splits = _default_num_splits(query, n, hkv, block_table.shape[1] * page_size, block_n)
+        num_splits = default_num_splits(query, n * hkv, triton.cdiv(block_table.shape[1] * page_size, block_n))
     assert num_splits >= 1
 
     lse = torch.empty((n, hq), dtype=torch.float32, device=dev)
@@ -303,12 +251,7 @@ def decode_with_scores(
         num_warps=4,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(n, hq)](
-            o_buf, lse_buf, out, lse,
-            *o_buf.stride(), *lse_buf.stride(), *out.stride(), *lse.stride(),
-            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4,
-        )
+        merge_splits(o_buf, lse_buf, out, lse, log2_units=True)
     group_pad = max(2, triton.next_power_of_2(group))  # avoid size-1 tensor dims
     block_t = max(128, 4096 // group_pad)
     if max_len > 0:

@@ -46,12 +46,13 @@ neutral partials (``lse = -inf``) that the merge ignores. With a single split
 the main kernel writes the final output directly.
 """
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from .split_merge import default_num_splits, merge_splits
 
 _LOG2E = 1.4426950408889634
 _MODES = ("page", "token")
@@ -96,9 +97,9 @@ def _sparse_decode_kernel(
     sel_ptr,  # [N, Hkv, S] int32, -1 padded
     o_ptr,  # [N, Hq, NUM_SPLITS, D] fp32 partials (or the final out when NUM_SPLITS == 1)
     lse_ptr,  # [N, Hq, NUM_SPLITS] fp32
+    sinks_ptr,  # [N] int32: always-attended prefix of each row
+    window_ptr,  # [N] int32: always-attended suffix of each row
     num_sel,  # S
-    num_sink_tokens,
-    local_window,
     qk_scale,  # softmax scale * log2(e)
     stride_q_seq, stride_q_head, stride_q_dim,
     stride_kv_block, stride_kv_head, stride_kv_tok, stride_kv_dim,
@@ -121,8 +122,8 @@ def _sparse_decode_kernel(
     split = tl.program_id(2)
 
     T = tl.load(seq_lens_ptr + seq)
-    n_sink = tl.minimum(num_sink_tokens, T)
-    win_start = tl.maximum(T - local_window, n_sink)  # window = [win_start, T), disjoint from sinks
+    n_sink = tl.minimum(tl.load(sinks_ptr + seq), T)
+    win_start = tl.maximum(T - tl.load(window_ptr + seq), n_sink)  # window = [win_start, T), disjoint from sinks
 
     # Work list of BLOCK_N-token tiles: sinks, selected, window; this split takes a contiguous share.
     if PAGE_MODE:
@@ -200,57 +201,20 @@ def _sparse_decode_kernel(
     tl.store(lse_ptrs, lse, mask=g_mask)
 
 
-@triton.jit
-def _merge_splits_kernel(
-    o_part_ptr,  # [N, Hq, NUM_SPLITS, D] fp32
-    lse_part_ptr,  # [N, Hq, NUM_SPLITS] fp32
-    out_ptr,  # [N, Hq, D]
-    lse_ptr,  # [N, Hq] fp32
-    stride_op_seq, stride_op_head, stride_op_split, stride_op_dim,
-    stride_lp_seq, stride_lp_head, stride_lp_split,
-    stride_out_seq, stride_out_head, stride_out_dim,
-    stride_lse_seq, stride_lse_head,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # NUM_SPLITS padded to a power of two
-):
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
-    d_mask = offs_d < HEAD_DIM
-
-    lse_s = tl.load(lse_part_ptr + seq * stride_lp_seq + head * stride_lp_head + offs_s * stride_lp_split,
-                    mask=s_mask, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_safe)  # 0 for empty splits
-    total = tl.sum(w, 0)
-    o_s = tl.load(o_part_ptr + seq * stride_op_seq + head * stride_op_head + offs_s[:, None] * stride_op_split
-                  + offs_d[None, :] * stride_op_dim, mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    total_safe = tl.where(total > 0.0, total, 1.0)
-    o = tl.sum(w[:, None] * o_s, 0) / total_safe
-    lse = tl.where(total > 0.0, m_safe + tl.log(total_safe), float("-inf"))
-    tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + offs_d * stride_out_dim,
-             o.to(out_ptr.dtype.element_ty), mask=d_mask)
-    tl.store(lse_ptr + seq * stride_lse_seq + head * stride_lse_head, lse)
+def _per_row(value, n: int, device) -> torch.Tensor:
+    """Sink/window sizes as an [N] int32 tensor (an int applies to every row)."""
+    if isinstance(value, torch.Tensor):
+        assert value.shape == (n,), f"per-row sizes must be [N={n}], got {tuple(value.shape)}"
+        return value.to(device=device, dtype=torch.int32)
+    assert value >= 0, f"sizes must be >= 0, got {value}"
+    return torch.full((n,), value, dtype=torch.int32, device=device)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _default_num_splits(query, n_seq, n_kv_heads, max_work_tokens, block_n) -> int:
-    """Enough programs for ~2 waves on the GPU, at least 2 tiles per split; shape-only (no sync)."""
-    if not query.is_cuda:
-        return 1
-    target_programs = 2 * _num_sms(query.device.index if query.device.index is not None
-                                   else torch.cuda.current_device())
-    max_tiles = triton.cdiv(max(max_work_tokens, 1), block_n)
-    return max(1, min(triton.cdiv(target_programs, max(n_seq * n_kv_heads, 1)), triton.cdiv(max_tiles, 2), 64))
+def _upper_bound(value) -> int:
+    """Largest size: the int itself, or a per-row tensor's max (one host sync)."""
+    if isinstance(value, torch.Tensor):
+        return int(value.max()) if value.numel() else 0
+    return int(value)
 
 
 def _check_args(query, kv_cache, block_table, seq_lens, selected, mode):
@@ -273,8 +237,8 @@ def sparse_paged_decode(
     seq_lens: torch.Tensor,
     selected: torch.Tensor,
     mode: str = "page",
-    num_sink_tokens: int = 0,
-    local_window: int = 0,
+    num_sink_tokens: int | torch.Tensor = 0,
+    local_window: int | torch.Tensor = 0,
     scale: float | None = None,
     out: torch.Tensor | None = None,
     return_lse: bool = False,
@@ -291,7 +255,8 @@ def sparse_paged_decode(
         seq_lens: [N] int32, context length including the current token.
         selected: [N, Hkv, S] int32, -1 padded; pages (mode="page") or tokens (mode="token").
         mode: "page" or "token".
-        num_sink_tokens, local_window: always-attended prefix / suffix sizes (>= 0).
+        num_sink_tokens, local_window: always-attended prefix / suffix sizes (>= 0), for
+            all rows (int) or per row ([N] int tensor).
         scale: softmax scale, default D ** -0.5.
         out: optional [N, Hq, D] output in query's dtype.
         return_lse: also return the log-sum-exp [N, Hq] fp32.
@@ -306,7 +271,8 @@ def sparse_paged_decode(
     _, hkv, page_size, _ = kv_cache.shape
     assert kv_cache.dtype == query.dtype, f"kv_cache dtype {kv_cache.dtype} != query dtype {query.dtype}"
     assert query.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {query.dtype}"
-    assert num_sink_tokens >= 0 and local_window >= 0
+    sinks = _per_row(num_sink_tokens, n, query.device)
+    window = _per_row(local_window, n, query.device)
     assert block_n >= 16 and block_n & (block_n - 1) == 0, "block_n must be a power of two >= 16"
     group = hq // hkv
     num_sel = selected.shape[2]
@@ -320,9 +286,10 @@ def sparse_paged_decode(
         return (out, lse) if return_lse else out
 
     sel_tokens = num_sel * page_size if mode == "page" else num_sel
-    max_work = min(num_sink_tokens + local_window + sel_tokens, block_table.shape[1] * page_size)
+    max_work = min(_upper_bound(num_sink_tokens) + _upper_bound(local_window) + sel_tokens,
+                   block_table.shape[1] * page_size)
     if num_splits is None:
-        num_splits = _default_num_splits(query, n, hkv, max_work, block_n)
+        num_splits = default_num_splits(query, n * hkv, triton.cdiv(max_work, block_n))
     assert num_splits >= 1
 
     if num_splits == 1:  # write the final result directly
@@ -337,7 +304,7 @@ def sparse_paged_decode(
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
     _sparse_decode_kernel[(n, hkv, num_splits)](
         query, kv_cache, block_table, seq_lens, selected, o_buf, lse_buf,
-        num_sel, num_sink_tokens, local_window, scale * _LOG2E,
+        sinks, window, num_sel, scale * _LOG2E,
         *query.stride(), *kv_cache.stride(), *block_table.stride(), *selected.stride(),
         *o_strides, *lse_strides,
         GROUP=group,
@@ -352,15 +319,7 @@ def sparse_paged_decode(
         num_warps=4,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(n, hq)](
-            o_buf, lse_buf, out, lse,
-            *o_buf.stride(), *lse_buf.stride(), *out.stride(), *lse.stride(),
-            HEAD_DIM=d,
-            BLOCK_D=block_d,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4,
-        )
+        merge_splits(o_buf, lse_buf, out, lse, log2_units=False)
     return (out, lse) if return_lse else out
 
 
@@ -394,6 +353,8 @@ def sparse_paged_decode_ref(
     if scale is None:
         scale = d ** -0.5
     dev = query.device
+    sinks = _per_row(num_sink_tokens, n, dev).tolist()
+    window = _per_row(local_window, n, dev).tolist()
     o64 = torch.zeros((n, hq, d), dtype=torch.float64, device=dev)
     lse = torch.full((n, hq), -math.inf, dtype=torch.float64, device=dev)
     num_attended = torch.zeros((n, hkv), dtype=torch.int64, device=dev)
@@ -406,8 +367,8 @@ def sparse_paged_decode_ref(
         kv = kv_cache[blocks, :, pos % page_size].to(torch.float64)  # [T, Hkv, 2D]
         for g in range(hkv):
             mask = torch.zeros(t_len, dtype=torch.bool, device=dev)
-            mask[: min(num_sink_tokens, t_len)] = True
-            mask[max(t_len - local_window, 0):] = True
+            mask[: min(sinks[i], t_len)] = True
+            mask[max(t_len - window[i], 0):] = True
             sel = selected[i, g].long()
             sel = sel[sel >= 0]
             if mode == "page":

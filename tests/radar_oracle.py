@@ -42,12 +42,15 @@ def radar_mask(query: torch.Tensor, keys: torch.Tensor, config: RadarConfig, blo
     mask = (pos < sinks) | (pos >= length - window)
     mask = mask.expand(num_kv_heads, length).clone()
     for h in range(num_kv_heads):
-        key_feats = features(keys[h, : num_pages * block_size])           # [P*bs, F]
+        paged = keys[h, : num_pages * block_size].double().view(num_pages, block_size, -1)
+        means = paged.mean(dim=1, keepdim=True) if config.center_keys else torch.zeros_like(paged[:, :1])
+        key_feats = features(paged - means)                                 # [P, bs, F]
         page_score = torch.zeros(num_pages, dtype=torch.float64)
         for g in range(group):
-            q_feats = features(query[h * group + g])                        # [F]
-            logits = torch.logsumexp(q_feats + key_feats, dim=-1)           # per token
-            per_page = torch.logsumexp(logits.view(num_pages, block_size), dim=-1)
+            q = query[h * group + g].double()
+            q_feats = features(q)                                           # [F]
+            logits = torch.logsumexp(q_feats + key_feats, dim=-1)           # [P, bs]
+            per_page = torch.logsumexp(logits, dim=-1) + scale * (means[:, 0] @ q)
             page_score += torch.softmax(per_page, dim=0)
         seg_score = torch.stack([page_score[s * seg:(s + 1) * seg].sum()
                                  for s in range(num_segments)]) if num_segments else None

@@ -19,6 +19,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        CommonAttentionMetadata, MultipleOf)
 from vllm_sparse import reference
 from vllm_sparse.config import SparseConfig, resolve_from_vllm
+from vllm_sparse.mechanism import make_mechanism, resolve_kernels
 from vllm_sparse.policies.base import DecodeQueries, SparsePolicy
 from vllm_sparse.policies.radar import RadarPolicy
 
@@ -34,7 +35,9 @@ class SparseMetadata:
 
     query_start_loc: [B + 1] (host list); seq_lens: [B] context incl. new tokens;
     block_table: [B, max_pages]; slot_mapping: [T]; decode_rows: [Nd] rows with one new
-    token; prefill_rows: host list of the other rows.
+    token, decode_token_index: [Nd] their tokens; prefill_rows: host list of the other
+    rows, prefill_token_index: [Tp] their tokens, prefill_query_start_loc: [P + 1] starts
+    of each prefill row within those.
     """
 
     num_actual_tokens: int
@@ -46,6 +49,8 @@ class SparseMetadata:
     decode_rows: torch.Tensor
     decode_token_index: torch.Tensor
     prefill_rows: list[int]
+    prefill_token_index: torch.Tensor
+    prefill_query_start_loc: list[int]
 
 
 class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
@@ -61,6 +66,10 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
         seq_lens = cm.seq_lens[: cm.num_reqs]
         query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
         decode = [i for i, n in enumerate(query_lens) if n == 1]
+        prefill = [i for i, n in enumerate(query_lens) if n > 1]
+        prefill_starts = [0]
+        for i in prefill:
+            prefill_starts.append(prefill_starts[-1] + query_lens[i])
         device = seq_lens.device
         return SparseMetadata(
             num_actual_tokens=cm.num_actual_tokens,
@@ -72,7 +81,11 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
             decode_rows=torch.tensor(decode, dtype=torch.long, device=device),
             decode_token_index=torch.tensor([starts[i] for i in decode], dtype=torch.long,
                                             device=device),
-            prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
+            prefill_rows=prefill,
+            prefill_token_index=torch.tensor(
+                [t for i in prefill for t in range(starts[i], starts[i + 1])], dtype=torch.long,
+                device=device),
+            prefill_query_start_loc=prefill_starts,
         )
 
 
@@ -120,12 +133,16 @@ class SparseAttentionImpl(AttentionImpl):
         self.layer_method: str | None = None
         self.budget = None
         self.policy: SparsePolicy | None = None
+        self.mechanism = None
         self.stats = AttendedStats()
 
-    def _bind_layer(self, layer_name: str) -> None:
+    def _bind_layer(self, layer_name: str, kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
+        """First real forward: the layer's method and budget, and torch or Triton mechanism."""
+        self.mechanism = make_mechanism(resolve_kernels(self.config.kernels, kv_cache.device, dtype))
         self.layer_method, self.budget = self.config.for_layer(_layer_index(layer_name))
         if self.layer_method == "radar":
-            self.policy = RadarPolicy(self.config.radar, self.head_size, self.scale)
+            self.policy = RadarPolicy(self.config.radar, self.head_size, self.scale,
+                                      use_kernels=self.mechanism.name == "triton")
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -133,17 +150,17 @@ class SparseAttentionImpl(AttentionImpl):
             raise NotImplementedError("vllm_sparse: fused output quantization is not supported")
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
-        if self.layer_method is None:
-            self._bind_layer(layer.layer_name)
+        if self.mechanism is None:
+            self._bind_layer(layer.layer_name, kv_cache, query.dtype)
         md: SparseMetadata = attn_metadata
         n = md.num_actual_tokens
-        reference.write_kv(kv_cache, key[:n], value[:n], md.slot_mapping)
+        self.mechanism.write_kv(kv_cache, key[:n], value[:n], md.slot_mapping)
         if self.policy is not None:
             self.policy.observe_write(kv_cache, md.slot_mapping)
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        for row in md.prefill_rows:
-            self._prefill(row, query, kv_cache, md, out)
+        if md.prefill_rows:
+            self._prefill(query, kv_cache, md, out)
         if md.decode_rows.numel():
             q = query[md.decode_token_index]
             seq_lens = md.seq_lens[md.decode_rows]
@@ -151,16 +168,23 @@ class SparseAttentionImpl(AttentionImpl):
                 q, seq_lens, md.block_table[md.decode_rows], kv_cache)
         return output
 
-    def _prefill(self, row, query, kv_cache, md: SparseMetadata, out) -> None:
+    def _prefill(self, query, kv_cache, md: SparseMetadata, out) -> None:
+        rows = md.prefill_rows
+        index = md.prefill_token_index
+        prefill_out = torch.empty_like(query[index])
+        self.mechanism.prefill(query[index], kv_cache, md.block_table[rows],
+                               md.prefill_query_start_loc, [md.seq_lens_cpu[r] for r in rows],
+                               self.scale, prefill_out)
+        out[index] = prefill_out
+        if self.config.eval_sparse_prefill_from is not None and self.policy is not None:
+            for row in rows:
+                self._prefill_as_decode(row, query, kv_cache, md, out)
+
+    def _prefill_as_decode(self, row, query, kv_cache, md: SparseMetadata, out) -> None:
+        """Evaluation mode: prefill queries at positions >= P attend as decode steps."""
         start, end = md.query_start_loc[row], md.query_start_loc[row + 1]
-        seq_len = md.seq_lens_cpu[row]
-        out[start:end] = reference.dense_prefill(query[start:end], kv_cache, md.block_table[row],
-                                                 seq_len, self.scale)
-        sparse_from = self.config.eval_sparse_prefill_from
-        if sparse_from is None or self.policy is None:
-            return
-        first_pos = seq_len - (end - start)
-        skip = max(0, sparse_from - first_pos)
+        first_pos = md.seq_lens_cpu[row] - (end - start)
+        skip = max(0, self.config.eval_sparse_prefill_from - first_pos)
         for chunk in range(start + skip, end, EVAL_CHUNK):
             stop = min(chunk + EVAL_CHUNK, end)
             positions = torch.arange(chunk - start + first_pos, stop - start + first_pos,
@@ -196,23 +220,22 @@ class SparseAttentionImpl(AttentionImpl):
             selection = self.policy.select(queries, kv_cache)
         block_size = kv_cache.shape[2]
         if gather:
-            positions, valid = reference.selection_positions(
-                selection.pages if selection else _no_pages(query, self.num_kv_heads),
-                seq_lens, selection.num_sink_tokens if selection else 0,
-                selection.local_window if selection else 0, block_size)
-            positions, valid = _with_dense_rows(positions, valid, dense, seq_lens)
-            key, value = reference.gather_kv(kv_cache, block_table, positions)
-        else:
-            length = int(seq_lens.max())
-            positions = torch.arange(length, device=query.device)
-            valid = (positions < seq_lens[:, None, None]).expand(-1, self.num_kv_heads, -1)
-            if selection is not None:
-                sparse_mask = reference.selection_mask(
-                    selection.pages, seq_lens, selection.num_sink_tokens,
-                    selection.local_window, block_size, length)
-                valid = torch.where(dense[:, None, None], valid, sparse_mask)
-            key, value = reference.gather_kv(kv_cache, block_table[:1],
-                                             positions.expand(1, self.num_kv_heads, -1))
+            pages, sinks, window = _with_dense_rows(selection, dense, seq_lens, block_size,
+                                                    self.num_kv_heads)
+            _, valid = reference.selection_positions(pages, seq_lens, sinks, window, block_size)
+            self._count(valid, seq_lens, int(dense.sum()))
+            return self.mechanism.decode(query, kv_cache, block_table, seq_lens, pages, sinks,
+                                         window, self.scale)
+        length = int(seq_lens.max())
+        positions = torch.arange(length, device=query.device)
+        valid = (positions < seq_lens[:, None, None]).expand(-1, self.num_kv_heads, -1)
+        if selection is not None:
+            sparse_mask = reference.selection_mask(
+                selection.pages, seq_lens, selection.num_sink_tokens,
+                selection.local_window, block_size, length)
+            valid = torch.where(dense[:, None, None], valid, sparse_mask)
+        key, value = reference.gather_kv(kv_cache, block_table[:1],
+                                         positions.expand(1, self.num_kv_heads, -1))
         self._count(valid, seq_lens, int(dense.sum()))
         return reference.attend(query, key, value, valid, self.scale)[0]
 
@@ -227,22 +250,23 @@ class SparseAttentionImpl(AttentionImpl):
 _dense_logged: set = set()
 
 
-def _no_pages(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    return torch.full((query.shape[0], num_kv_heads, 0), -1, dtype=torch.long, device=query.device)
-
-
-def _with_dense_rows(positions, valid, dense, seq_lens):
-    """Replace the rows flagged `dense` by their whole context [0, seq_len)."""
-    if not dense.any():
-        return positions, valid
-    length = max(positions.shape[-1], int(seq_lens[dense].max()))
-    pad = length - positions.shape[-1]
-    positions = torch.nn.functional.pad(positions, (0, pad))
-    valid = torch.nn.functional.pad(valid, (0, pad))
-    every = torch.arange(length, device=positions.device).expand_as(positions)
-    every_ok = every < seq_lens[:, None, None]
-    rows = dense[:, None, None]
-    return torch.where(rows, every, positions), torch.where(rows, every_ok, valid)
+def _with_dense_rows(selection, dense, seq_lens, block_size, num_kv_heads):
+    """One page-mode selection for all rows: rows flagged `dense` take every page."""
+    num_rows = seq_lens.shape[0]
+    device = seq_lens.device
+    all_pages = int(-(-seq_lens[dense].max() // block_size)) if dense.any() else 0
+    width = max(all_pages, selection.pages.shape[-1] if selection is not None else 0)
+    pages = torch.full((num_rows, num_kv_heads, width), -1, dtype=torch.long, device=device)
+    sinks = torch.zeros(num_rows, dtype=torch.long, device=device)
+    window = torch.zeros(num_rows, dtype=torch.long, device=device)
+    if selection is not None:
+        pages[:, :, : selection.pages.shape[-1]] = selection.pages
+        sinks, window = selection.num_sink_tokens.clone(), selection.local_window.clone()
+    if all_pages:
+        pages[dense] = -1
+        pages[dense, :, :all_pages] = torch.arange(all_pages, device=device)
+        sinks[dense], window[dense] = 0, 0
+    return pages, sinks, window
 
 
 class SparseAttentionBackend(AttentionBackend):

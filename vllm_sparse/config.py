@@ -68,6 +68,11 @@ class RadarConfig(_Strict):
         Most recent tokens always attended (the current token included).
     seed : int, default 0
         Seed of the projection; the same on every TP rank and every run.
+    center_keys : bool, default True
+        Summarise each page as its mean key mu plus random features of k - mu, and score
+        q.mu * scale + log(phi(q) . sum phi(k - mu)): the same expectation, far lower
+        variance (on SmolLM2 at a 25% budget, perplexity 1.08x dense instead of 1.27x).
+        False is the paper's estimator.
     """
 
     projection_dim: PositiveInt = 128
@@ -75,6 +80,7 @@ class RadarConfig(_Strict):
     num_sink_tokens: NonNegativeInt = 1
     local_window: NonNegativeInt = 64
     seed: int = 0
+    center_keys: bool = True
 
 
 class LayerOverride(_Strict):
@@ -97,6 +103,9 @@ class SparseConfig(_Strict):
     `eval_sparse_prefill_from` (evaluation only): when set to P, prefill queries at
     positions >= P attend exactly as a decode step would, so prompt log-probs measure
     the sparse policy.
+
+    `kernels`: the mechanism; `auto` is Triton on CUDA and torch elsewhere, `triton` on a
+    CPU needs TRITON_INTERPRET=1 (tests), `torch` is the fallback everywhere.
     """
 
     method: Method = "radar"
@@ -104,6 +113,7 @@ class SparseConfig(_Strict):
     radar: RadarConfig = RadarConfig()
     layers: dict[int, LayerOverride] = Field(default_factory=dict)
     eval_sparse_prefill_from: NonNegativeInt | None = None
+    kernels: Literal["auto", "triton", "torch"] = "auto"
 
     _budget = field_validator("budget")(classmethod(lambda cls, v: _check_budget(v)))
 
@@ -260,7 +270,8 @@ def resolve(names: list[str], fingerprint: dict, override: Any,
 
 def _describe(config, file_name, file_data, override, backend_method) -> str:
     dump = config.model_dump()
-    shown = {k: dump[k] for k in ("method", "budget", "layers", "eval_sparse_prefill_from")}
+    shown = {k: dump[k] for k in ("method", "budget", "layers", "eval_sparse_prefill_from",
+                                  "kernels")}
     shown[config.method] = dump.get(config.method, {})
     file_keys, over_keys = _leaves(file_data), _leaves(override)
     parts = []

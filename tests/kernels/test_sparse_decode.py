@@ -245,3 +245,23 @@ def test_gpu_llama8b_shapes(mode, dtype):
     torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
     for num_splits in (1, 7):
         torch.testing.assert_close(sparse_paged_decode(*args, num_splits=num_splits), ref_out, atol=1e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_row_sinks_and_window(mode):
+    """Sizes given per row ([N] tensors) equal running each row with its own ints."""
+    query, kv_cache, block_table, seq_lens = _make_inputs(SEQ_LENS, 6, 2, torch.float32)
+    selected = _random_selection(SEQ_LENS, 2, mode, NUM_SELECTED[mode])
+    n = len(SEQ_LENS)
+    sinks = torch.tensor([(3 * i) % 5 for i in range(n)], dtype=torch.int32, device=DEVICE)
+    window = torch.tensor([(7 * i) % 11 for i in range(n)], dtype=torch.int32, device=DEVICE)
+    args = (query, kv_cache, block_table, seq_lens, selected, mode)
+    out = sparse_paged_decode(*args, sinks, window, num_splits=2)
+    ref_out, _, ref_counts = sparse_paged_decode_ref(*args, sinks, window)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for i in range(n):
+        row = (query[i:i + 1], kv_cache, block_table[i:i + 1], seq_lens[i:i + 1],
+               selected[i:i + 1], mode, int(sinks[i]), int(window[i]))
+        single, _, counts = sparse_paged_decode_ref(*row)
+        torch.testing.assert_close(ref_out[i:i + 1], single, atol=1e-6, rtol=1e-6)
+        assert counts[0].tolist() == ref_counts[i].tolist()

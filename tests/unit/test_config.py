@@ -32,7 +32,7 @@ def test_good_budgets(budget):
 
 def test_unknown_key_lists_the_allowed_keys():
     with pytest.raises(ValueError, match=r"radar\.projection_dims: unknown key; allowed keys: "
-                                         r"aspect_ratio, local_window, num_sink_tokens, "
+                                         r"aspect_ratio, center_keys, local_window, num_sink_tokens, "
                                          r"projection_dim, seed"):
         cfg.resolve(["m"], UNKNOWN_FP, {"radar": {"projection_dims": 8}}, "radar")
     with pytest.raises(ValueError, match=r"bugdet: unknown key; allowed keys: .*budget"):

@@ -37,12 +37,14 @@ def _paged(keys_values, num_blocks, generator):
     return kv_cache, table
 
 
+@pytest.mark.parametrize("center_keys", [True, False])
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("budget", [64, 200, 0.3])
-def test_selection_equals_oracle(heads, budget):
+def test_selection_equals_oracle(heads, budget, center_keys):
     hq, hkv = heads
     gen = torch.Generator().manual_seed(hq * 31 + hkv)
-    config = RadarConfig(projection_dim=64, aspect_ratio=1.0, num_sink_tokens=2, local_window=24)
+    config = RadarConfig(projection_dim=64, aspect_ratio=1.0, num_sink_tokens=2, local_window=24,
+                         center_keys=center_keys)
     kvs = [torch.randn(n, hkv, 2 * HEAD, generator=gen) for n in LENGTHS]
     kv_cache, table = _paged(kvs, 256, gen)
     policy = RadarPolicy(config, HEAD, scale=HEAD ** -0.5)

@@ -16,6 +16,13 @@ Differences from the paper's code, all deliberate:
   T_ref the context rounded down to a power of two (so c changes only when it doubles).
 - Summaries are stored in the log domain (sum of exp(f - m) and the page max m), so no
   per-head normaliser is needed and pages are comparable for ever.
+- By default (`center_keys`) a page is summarised as its mean key mu plus the random
+  features of k - mu, and scored as q.mu * scale + log(phi(q) . sum phi(k - mu)): since
+  sum_j exp(q.k_j s) = exp(q.mu s) sum_j exp(q.(k_j - mu) s), the expectation is the
+  same, while the features only estimate the small within-page residual. The paper's
+  estimator has a variance that grows like exp(|q||k| s); on SmolLM2-135M (2K tokens,
+  25% budget, positions 1K-2K) it gave perplexity 14.08 against dense 11.09, centring
+  12.02, exact top-k pages 11.48.
 - Selection is per KV head: each query head's page scores are normalised over the
   candidate pages (estimated attention shares), summed over the query heads of the
   group, then summed per segment. One page list per KV head keeps the budget exact
@@ -60,12 +67,15 @@ def segment_pages(seq_lens: torch.Tensor, aspect_ratio: float, block_size: int) 
 class RadarPolicy(SparsePolicy):
     """Radar selection over per-page random-feature summaries (module docstring).
 
-    State: summaries [num_blocks, Hkv, 2n] fp32 and page maxima [num_blocks, Hkv],
-    allocated on the first write, indexed by physical block id.
+    State: summaries [num_blocks, Hkv, 2n] fp32, page maxima [num_blocks, Hkv] and, with
+    `center_keys`, mean keys [num_blocks, Hkv, D] fp32; allocated on the first write,
+    indexed by physical block id.
     """
 
-    def __init__(self, config: RadarConfig, head_size: int, scale: float):
+    def __init__(self, config: RadarConfig, head_size: int, scale: float,
+                 use_kernels: bool = False):
         self.config = config
+        self.use_kernels = use_kernels
         self.num_sink_tokens = config.num_sink_tokens
         self.local_window = config.local_window
         self.scale = scale
@@ -73,6 +83,7 @@ class RadarPolicy(SparsePolicy):
         self.projection = radar_projection(head_size, config.projection_dim, config.seed)
         self.summaries: torch.Tensor | None = None
         self.page_max: torch.Tensor | None = None
+        self.means: torch.Tensor | None = None
 
     def _ensure_state(self, kv_cache: torch.Tensor) -> None:
         if self.summaries is None:
@@ -83,6 +94,9 @@ class RadarPolicy(SparsePolicy):
                                          dtype=torch.float32, device=kv_cache.device)
             self.page_max = torch.full((num_blocks, num_kv_heads), float("-inf"),
                                        device=kv_cache.device)
+            if self.config.center_keys:
+                self.means = torch.zeros(num_blocks, num_kv_heads, self.head_size,
+                                         device=kv_cache.device)
 
     def observe_write(self, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Summarise every page whose last slot was written this step (idempotent)."""
@@ -92,7 +106,17 @@ class RadarPolicy(SparsePolicy):
         if last.numel() == 0:
             return
         blocks = (last.long() // block_size).unique()
-        feats = log_features(kv_cache[blocks, :, :, : self.head_size], self.projection, self.scale)
+        if self.use_kernels:
+            from vllm_sparse.kernels.radar_score import radar_summarize_pages
+
+            radar_summarize_pages(kv_cache, blocks, self.projection, self.scale, self.summaries,
+                                  self.page_max, means=self.means)
+            return
+        keys = kv_cache[blocks, :, :, : self.head_size].float()
+        if self.means is not None:
+            self.means[blocks] = keys.mean(dim=2)
+            keys = keys - self.means[blocks][:, :, None]
+        feats = log_features(keys, self.projection, self.scale)
         page_max = feats.amax(dim=(2, 3))
         self.summaries[blocks] = torch.exp(feats - page_max[..., None, None]).sum(dim=2)
         self.page_max[blocks] = page_max
@@ -101,6 +125,12 @@ class RadarPolicy(SparsePolicy):
         """Estimated attention share of each candidate page [N, Hkv, P], summed over the group."""
         num_rows, num_heads, _ = queries.query.shape
         max_pages = int(num_pages.max())
+        if self.use_kernels:
+            from vllm_sparse.kernels.radar_score import radar_page_scores
+
+            return radar_page_scores(queries.query, self.summaries, self.page_max,
+                                     queries.block_table, num_pages, self.projection, self.scale,
+                                     max_pages=max_pages, means=self.means)
         blocks = queries.block_table[:, :max_pages].long()
         summaries = self.summaries[blocks].transpose(1, 2)         # [N, Hkv, P, F]
         page_max = self.page_max[blocks].transpose(1, 2)           # [N, Hkv, P]
@@ -109,6 +139,10 @@ class RadarPolicy(SparsePolicy):
         q_feats = torch.exp(q_feats - q_feats.amax(-1, keepdim=True))
         q_feats = q_feats.view(num_rows, num_kv_heads, num_heads // num_kv_heads, -1)
         logits = torch.einsum("nhgf,nhpf->nhgp", q_feats, summaries).log() + page_max[:, :, None]
+        if self.means is not None:
+            means = self.means[blocks].transpose(1, 2)              # [N, Hkv, P, D]
+            q = queries.query.float().view(num_rows, num_kv_heads, num_heads // num_kv_heads, -1)
+            logits = logits + self.scale * torch.einsum("nhgd,nhpd->nhgp", q, means)
         valid = torch.arange(max_pages, device=logits.device) < num_pages[:, None]
         logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
         shares = torch.softmax(logits, dim=-1).nan_to_num(0.0)
