@@ -2,7 +2,8 @@
 """Benchmark Radar page scoring + top-k selection against the decode attention it feeds.
 
 On CUDA: Llama-3.1-8B attention (Hq 32, Hkv 8, D 128, bf16, cache block 16). For each
-context, batch and projection dim n it times
+context, batch, projection dim n and estimator (`centred`: keys centred on their page mean,
+RadarConfig.center_keys=True, the default; `paper`: the paper's estimator, no means) it times
   score   - radar_page_scores (fused q-features, Triton) + torch.topk over the shares,
   ref     - the pure-torch path (radar_page_scores_ref) + torch.topk,
   sparse  - sparse_paged_decode over the selected pages + sinks + window (--budget tokens),
@@ -13,6 +14,7 @@ Without CUDA it runs a tiny shape under the Triton interpreter only to show that
 path works; those timings are meaningless.
 
     python benchmarks/bench_radar_score.py [--contexts 32768 131072] [--batches 1 32] [--dims 64 128 256]
+                                           [--estimators centred paper]
 """
 
 import argparse
@@ -45,6 +47,8 @@ def main():
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256], help="projection dims n")
+    parser.add_argument("--estimators", nargs="+", choices=["centred", "paper"], default=["centred", "paper"],
+                        help="centred: page means (center_keys, the default); paper: no means")
     parser.add_argument("--budget", type=int, default=2048, help="attended tokens incl. sinks and window")
     parser.add_argument("--sinks", type=int, default=64)
     parser.add_argument("--window", type=int, default=64)
@@ -62,7 +66,7 @@ def main():
         args.budget, args.sinks, args.window = 256, 16, 16
         print("NOTE: no CUDA GPU -- running a tiny shape under TRITON_INTERPRET; timings are meaningless.")
     scale = d ** -0.5
-    header = (f"{'context':>8} {'batch':>5} {'n':>4} {'k':>4} {'score ms':>9} {'ref ms':>8} {'x ref':>6} "
+    header = (f"{'context':>8} {'batch':>5} {'n':>4} {'est':>7} {'k':>4} {'score ms':>9} {'ref ms':>8} {'x ref':>6} "
               f"{'sparse ms':>9} {'dense ms':>9} {'score %':>8} {'x dense':>8} {'summ ms':>8}")
     print(header)
     print("-" * len(header))
@@ -81,20 +85,21 @@ def main():
             dense_ms = bench(lambda: sparse_paged_decode(query, kv_cache, block_table, seq_lens, all_pages, "page",
                                                          args.sinks, args.window), use_cuda)
             del all_pages
-            for n in args.dims:
+            for n, est in ((n, est) for n in args.dims for est in args.estimators):
                 projection = torch.randn(d, n, device=device)
                 summaries = torch.zeros(batch * pages, hkv, 2 * n, device=device)
                 page_max = torch.full((batch * pages, hkv), float("-inf"), device=device)
+                means = torch.zeros(batch * pages, hkv, d, device=device) if est == "centred" else None
                 blocks = torch.arange(batch * pages, device=device)
                 summ_ms = bench(lambda: radar_summarize_pages(kv_cache, blocks, projection, scale, summaries,
-                                                              page_max), use_cuda)
+                                                              page_max, means=means), use_cuda)
                 score_args = (query, summaries, page_max, block_table, num_pages, projection, scale)
 
                 def score():  # max_pages given: no host sync
-                    return radar_page_scores(*score_args, max_pages=cand).topk(k, dim=-1).indices
+                    return radar_page_scores(*score_args, max_pages=cand, means=means).topk(k, dim=-1).indices
 
                 def score_ref():
-                    return radar_page_scores_ref(*score_args, max_pages=cand).topk(k, dim=-1).indices
+                    return radar_page_scores_ref(*score_args, max_pages=cand, means=means).topk(k, dim=-1).indices
 
                 score_ms = bench(score, use_cuda)
                 ref_ms = float("nan") if args.no_ref else bench(score_ref, use_cuda)
@@ -102,10 +107,10 @@ def main():
                 sparse_ms = bench(lambda: sparse_paged_decode(query, kv_cache, block_table, seq_lens, selected, "page",
                                                               args.sinks, args.window), use_cuda)
                 step = score_ms + sparse_ms
-                print(f"{context:>8} {batch:>5} {n:>4} {k:>4} {score_ms:>9.4f} {ref_ms:>8.4f} "
+                print(f"{context:>8} {batch:>5} {n:>4} {est:>7} {k:>4} {score_ms:>9.4f} {ref_ms:>8.4f} "
                       f"{ref_ms / score_ms:>6.2f} {sparse_ms:>9.4f} {dense_ms:>9.4f} {100 * score_ms / step:>7.1f}% "
                       f"{dense_ms / step:>8.2f} {summ_ms:>8.3f}")
-                del summaries, page_max, selected
+                del summaries, page_max, means, selected
             del kv_cache, block_table, query
             if use_cuda:
                 torch.cuda.empty_cache()

@@ -4,10 +4,12 @@
     python benchmarks/radar_perplexity.py [--context 4096] [--windows 4] [--budget 0.25] [--small]
 
 Dense is vLLM's own backend (CPU_ATTN on CPU). Radar runs in evaluation mode
-(`eval_sparse_prefill_from=0`): every prompt position attends exactly as a decode step at
-that position would (tests/e2e/test_radar_smollm2.py checks this against real decoding),
-so every scored log-prob measures the sparse policy. Both score the same positions of the
-same token windows. Results go to benchmarks/results/radar_perplexity[_small].json.
+(`eval_sparse_prefill_from=P`, P = --score-from, default half the context): every prompt
+position >= P attends exactly as a decode step at that position would
+(tests/e2e/test_radar_smollm2.py checks this against real decoding), so every scored
+log-prob measures the sparse policy. Both score the positions >= P of the same token
+windows (the budget fraction applies to each position's own context). Results go to
+benchmarks/results/radar_perplexity[_small].json.
 """
 
 import argparse
@@ -36,7 +38,8 @@ def windows(model: str, context: int, count: int) -> list[list[int]]:
     return [ids[i * stride: i * stride + context] for i in range(count)]
 
 
-def perplexity(model: str, backend: str, sparse: dict, prompts: list[list[int]]) -> dict:
+def perplexity(model: str, backend: str, sparse: dict, prompts: list[list[int]],
+               score_from: int) -> dict:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     llm = LLM(model=model, dtype="float32", max_model_len=8192, block_size=32, seed=0,
@@ -48,7 +51,7 @@ def perplexity(model: str, backend: str, sparse: dict, prompts: list[list[int]])
     seconds = time.perf_counter() - start
     nll, count = 0.0, 0
     for prompt, out in zip(prompts, outs):
-        for pos in range(1, len(prompt)):
+        for pos in range(score_from + 1, len(prompt)):
             nll -= out.prompt_logprobs[pos][prompt[pos]].logprob
             count += 1
     del llm
@@ -60,10 +63,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--score-from", type=int, default=None,
+                        help="first scored position, sparse from there (default: context / 2)")
     parser.add_argument("--small", action="store_true", help="one 2K window (for CI)")
     args = parser.parse_args()
     if args.small:
         args.context, args.windows = 2048, 1
+    score_from = args.context // 2 if args.score_from is None else args.score_from
 
     import torch
     import vllm
@@ -72,10 +78,11 @@ def main() -> None:
 
     model = str(smollm2_dir())
     prompts = windows(model, args.context, args.windows)
-    dense = perplexity(model, "auto", {}, prompts)
-    radar = perplexity(model, "radar", {"budget": args.budget, "eval_sparse_prefill_from": 0},
-                       prompts)
-    print(f"\nSmolLM2-135M, pydoc text, {args.windows} x {args.context} tokens, float32")
+    dense = perplexity(model, "auto", {}, prompts, score_from)
+    radar = perplexity(model, "radar", {"budget": args.budget,
+                                        "eval_sparse_prefill_from": score_from}, prompts, score_from)
+    print(f"\nSmolLM2-135M, pydoc text, {args.windows} x {args.context} tokens, positions "
+          f">= {score_from} scored, float32")
     print(f"{'method':<10}{'budget':>10}{'perplexity':>12}{'vs dense':>10}{'seconds':>10}")
     print(f"{'dense':<10}{'all':>10}{dense['ppl']:>12.3f}{1.0:>10.3f}{dense['seconds']:>10.1f}")
     ratio = radar["ppl"] / dense["ppl"]
@@ -88,6 +95,7 @@ def main() -> None:
         "device": "cpu", "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
         "model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics",
         "context": args.context, "windows": args.windows, "budget": args.budget,
+        "score_from": score_from,
         "dense": dense, "radar": radar, "radar_over_dense": ratio,
     }
     name = "radar_perplexity_small.json" if args.small else "radar_perplexity.json"

@@ -27,6 +27,15 @@ For x = a key or query [D], x' = x * sqrt(scale) and the projection W [D, n] (fp
   merges the split statistics and writes the group-summed shares. Summaries are read
   once (they are 2n fp32 per page and head; the logits scratch is GROUP fp32 per page).
 
+Centred keys (`means` given: `RadarConfig.center_keys`, the policy's default): the
+summaries are those of k - mu instead of k, mu [D] the mean of the page's block_size keys
+(fp32, per block and KV head), stored in `means[b, h]`; the page scores add
+scale * (q . means[b, h]) (raw fp32 query) to each query head's logit before the softmax.
+Since sum_t exp(s q.k_t) = exp(s q.mu) sum_t exp(s q.(k_t - mu)), the estimate has the same
+expectation with a much smaller variance. The summarize kernel reduces its key tile to mu
+before the feature passes; the logits kernel adds a chunked [group, D] x [D, BLOCK_P] dot per
+page tile. With `means=None` (the paper's estimator) the kernels are compiled without it.
+
 All dots run on fp32 operands with input_precision "ieee", so the kernels follow the
 fp32 torch math of `RadarPolicy` (`*_ref` below reproduce it exactly) for any key dtype.
 """
@@ -47,6 +56,7 @@ def _summarize_kernel(
     w_ptr,  # [D, n] fp32
     summ_ptr,  # [num_blocks, Hkv, 2n] fp32
     pmax_ptr,  # [num_blocks, Hkv] fp32
+    mean_ptr,  # [num_blocks, Hkv, D] fp32 (HAS_MEANS; unused otherwise)
     num_kv_heads,
     sqrt_scale,
     stride_kv_block, stride_kv_head, stride_kv_tok, stride_kv_dim,
@@ -54,6 +64,8 @@ def _summarize_kernel(
     stride_w_dim, stride_w_feat,
     stride_s_block, stride_s_head, stride_s_feat,
     stride_pm_block, stride_pm_head,
+    stride_mu_block, stride_mu_head, stride_mu_dim,
+    HAS_MEANS: tl.constexpr,  # centre the keys on their page mean (and store it)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two >= 16
     PAGE_SIZE: tl.constexpr,
@@ -77,7 +89,16 @@ def _summarize_kernel(
     d_mask = offs_d < HEAD_DIM
     k_ptrs = (kv_ptr + block * stride_kv_block + head_r.to(tl.int64)[:, None] * stride_kv_head
               + tok_r[:, None] * stride_kv_tok + offs_d[None, :] * stride_kv_dim)
-    x = tl.load(k_ptrs, mask=r_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * sqrt_scale
+    if HAS_MEANS:
+        # mu = mean of each head's PAGE_SIZE keys (padded rows load 0); features of k - mu
+        k = tl.load(k_ptrs, mask=r_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        mu = tl.sum(tl.reshape(k, [HEADS, BLOCK_T, BLOCK_D]), 1) / PAGE_SIZE  # [HEADS, BLOCK_D]
+        tl.store(mean_ptr + block * stride_mu_block + offs_h.to(tl.int64)[:, None] * stride_mu_head
+                 + offs_d[None, :] * stride_mu_dim, mu, mask=h_ok[:, None] & d_mask[None, :])
+        mu_r = tl.reshape(tl.broadcast_to(mu[:, None, :], [HEADS, BLOCK_T, BLOCK_D]), [HEADS * BLOCK_T, BLOCK_D])
+        x = tl.where(r_ok[:, None] & d_mask[None, :], k - mu_r, 0.0) * sqrt_scale
+    else:
+        x = tl.load(k_ptrs, mask=r_ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32) * sqrt_scale
     half_norm = tl.sum(x * x, 1) / 2  # [ROWS]
 
     # pass 1: page max per head; max(f+, f-) of one projection is |x'w| - |x'|^2/2
@@ -123,16 +144,20 @@ def _page_logits_kernel(
     logits_ptr,  # [N, Hq, P] fp32 scratch
     m_ptr,  # [N, Hq, num_splits] fp32: max logit of the split
     l_ptr,  # [N, Hq, num_splits] fp32: sum of exp(logit - max) of the split
+    mean_ptr,  # [num_blocks, Hkv, D] fp32 page mean keys (HAS_MEANS; unused otherwise)
     max_pages,  # P
     num_splits,
     sqrt_scale,
+    scale,
     stride_q_seq, stride_q_head, stride_q_dim,
     stride_w_dim, stride_w_feat,
     stride_s_block, stride_s_head, stride_s_feat,
     stride_pm_block, stride_pm_head,
+    stride_mu_block, stride_mu_head, stride_mu_dim,
     stride_bt_seq, stride_bt_page,
     stride_lg_seq, stride_lg_head, stride_lg_page,
     stride_ml_seq, stride_ml_head, stride_ml_split,
+    HAS_MEANS: tl.constexpr,  # logit += scale * q . mu[block] (centred summaries)
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16
     HEAD_DIM: tl.constexpr,
@@ -189,7 +214,22 @@ def _page_logits_kernel(
         s_neg = tl.load(s_ptrs + PROJ_DIM * stride_s_feat, mask=s_mask, other=0.0)
         dot = tl.dot(qf_pos, s_pos, input_precision="ieee") + tl.dot(qf_neg, s_neg, input_precision="ieee")
         pm = tl.load(pm_head + block * stride_pm_block, mask=valid, other=float("-inf"))
-        logit = tl.where(valid[None, :], tl.log(dot) + pm[None, :], float("-inf"))  # [GROUP_PAD, BLOCK_P]
+        logit = tl.log(dot) + pm[None, :]
+        if HAS_MEANS:
+            # raw fp32 query . page mean, over head-dim chunks (q is re-read: tiny and cache-resident)
+            q_mu = tl.zeros([GROUP_PAD, BLOCK_P], dtype=tl.float32)
+            mu_ptrs = mean_ptr + kvh * stride_mu_head + (block * stride_mu_block)[None, :]  # [1, BLOCK_P]
+            for k0 in range(0, HEAD_DIM, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < HEAD_DIM
+                q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head
+                            + offs_k[None, :] * stride_q_dim, mask=g_mask[:, None] & k_mask[None, :],
+                            other=0.0).to(tl.float32)
+                mu = tl.load(mu_ptrs + offs_k[:, None] * stride_mu_dim, mask=k_mask[:, None] & valid[None, :],
+                             other=0.0)  # [BLOCK_K, BLOCK_P]
+                q_mu += tl.dot(q, mu, input_precision="ieee")
+            logit = logit + scale * q_mu
+        logit = tl.where(valid[None, :], logit, float("-inf"))  # [GROUP_PAD, BLOCK_P]
         tl.store(lg_rows + (page * stride_lg_page)[None, :], logit, mask=g_mask[:, None] & valid[None, :])
         m_new = tl.maximum(m_i, tl.max(logit, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
@@ -252,9 +292,17 @@ def _check_projection(projection, head_size, device):
     assert projection.device == device, f"projection on {projection.device}, tensors on {device}"
 
 
+def _check_means(means, num_blocks, hkv, head_size, device):
+    if means is None:
+        return
+    assert means.shape == (num_blocks, hkv, head_size) and means.dtype == torch.float32, \
+        f"means must be fp32 [{num_blocks}, {hkv}, {head_size}]; got {means.dtype} {tuple(means.shape)}"
+    assert means.device == device, f"means on {means.device}, tensors on {device}"
+
+
 def radar_summarize_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, projection: torch.Tensor, scale: float,
-                          summaries: torch.Tensor, page_max: torch.Tensor, *, block_f: int | None = None,
-                          heads_per_program: int | None = None) -> None:
+                          summaries: torch.Tensor, page_max: torch.Tensor, *, means: torch.Tensor | None = None,
+                          block_f: int | None = None, heads_per_program: int | None = None) -> None:
     """Write the summaries of the full pages `blocks` in place (module docstring, entry point 1).
 
     Args:
@@ -263,6 +311,8 @@ def radar_summarize_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, projecti
         projection: [D, n] fp32.  scale: the attention softmax scale.
         summaries: [num_blocks, Hkv, 2n] fp32, written at `blocks` (any strides).
         page_max: [num_blocks, Hkv] fp32, written at `blocks` (any strides).
+        means: None (paper's estimator) or [num_blocks, Hkv, D] fp32 (any strides): summarise the
+            keys centred on their page mean and write the mean here at `blocks`.
         block_f: features per tile (default min(next_pow2(n), 32) on CUDA, next_pow2(n) elsewhere).
         heads_per_program: KV heads per program (power of two; default 32 rows of head x token on
             CUDA, 64 elsewhere).
@@ -277,6 +327,7 @@ def radar_summarize_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, projecti
     assert summaries.shape == (num_blocks, hkv, 2 * n) and summaries.dtype == torch.float32, \
         f"summaries must be fp32 [{num_blocks}, {hkv}, {2 * n}]; got {summaries.dtype} {tuple(summaries.shape)}"
     assert page_max.shape == (num_blocks, hkv) and page_max.dtype == torch.float32, "page_max fp32 [num_blocks, Hkv]"
+    _check_means(means, num_blocks, hkv, d, kv_cache.device)
     # GPU: 32 rows x 32 features compile without spills for D <= 256 (sm_90); the interpreter
     # pays per op, not per element, so there the tiles are as large as possible
     block_f = block_f or (min(_pow2(n), 32) if kv_cache.is_cuda else _pow2(n))
@@ -288,8 +339,9 @@ def radar_summarize_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, projecti
     heads = max(heads, triton.cdiv(16, block_t))  # tl.dot needs >= 16 rows
     assert heads & (heads - 1) == 0, "heads_per_program must be a power of two"
     _summarize_kernel[(blocks.shape[0], triton.cdiv(hkv, heads))](
-        kv_cache, blocks, projection, summaries, page_max, hkv, math.sqrt(scale),
-        *kv_cache.stride(), blocks.stride(0), *projection.stride(), *summaries.stride(), *page_max.stride(),
+        kv_cache, blocks, projection, summaries, page_max, summaries if means is None else means, hkv,
+        math.sqrt(scale), *kv_cache.stride(), blocks.stride(0), *projection.stride(), *summaries.stride(),
+        *page_max.stride(), *((0, 0, 0) if means is None else means.stride()), HAS_MEANS=means is not None,
         HEAD_DIM=d, BLOCK_D=_pow2(d), PAGE_SIZE=page_size, BLOCK_T=block_t, HEADS=heads,
         PROJ_DIM=n, BLOCK_F=block_f, num_warps=8,
     )
@@ -297,8 +349,8 @@ def radar_summarize_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, projecti
 
 def radar_page_scores(query: torch.Tensor, summaries: torch.Tensor, page_max: torch.Tensor,
                       block_table: torch.Tensor, num_pages: torch.Tensor, projection: torch.Tensor, scale: float,
-                      *, max_pages: int | None = None, num_splits: int | None = None,
-                      block_p: int | None = None) -> torch.Tensor:
+                      *, max_pages: int | None = None, means: torch.Tensor | None = None,
+                      num_splits: int | None = None, block_p: int | None = None) -> torch.Tensor:
     """Estimated attention share of each candidate page, summed over the group (entry point 2).
 
     Args:
@@ -309,6 +361,8 @@ def radar_page_scores(query: torch.Tensor, summaries: torch.Tensor, page_max: to
         projection: [D, n] fp32.  scale: the attention softmax scale.
         max_pages: P, the width of the result; default int(num_pages.max()) (a host sync).
             Must be >= max(num_pages) (not checked); rows are cut at P otherwise.
+        means: None (paper's estimator) or [num_blocks, Hkv, D] fp32 page mean keys (from
+            `radar_summarize_pages(..., means=)`): adds scale * q . means[b, h] to the logits.
         num_splits: programs per (row, KV head); default ~2 waves on CUDA, 1 elsewhere.
         block_p: pages per tile (power of two >= 16); default from n.
 
@@ -327,6 +381,7 @@ def radar_page_scores(query: torch.Tensor, summaries: torch.Tensor, page_max: to
     assert block_table.dim() == 2 and block_table.shape[0] == n_rows and \
         block_table.dtype in (torch.int32, torch.int64), "block_table int32/int64 [N, max_pages]"
     assert num_pages.shape == (n_rows,) and num_pages.dtype in (torch.int32, torch.int64), "num_pages int [N]"
+    _check_means(means, num_blocks, hkv, d, query.device)
     if max_pages is None:
         max_pages = int(num_pages.max()) if n_rows else 0
     assert 0 <= max_pages <= block_table.shape[1], f"max_pages {max_pages} > block_table width {block_table.shape[1]}"
@@ -343,10 +398,11 @@ def radar_page_scores(query: torch.Tensor, summaries: torch.Tensor, page_max: to
     l_buf = torch.empty_like(m_buf)
     _page_logits_kernel[(n_rows, hkv, num_splits)](
         query, projection, summaries, page_max, block_table, num_pages, logits, m_buf, l_buf,
-        max_pages, num_splits, math.sqrt(scale),
-        *query.stride(), *projection.stride(), *summaries.stride(), *page_max.stride(), *block_table.stride(),
-        *logits.stride(), *m_buf.stride(),
-        GROUP=group, GROUP_PAD=_pow2(group), HEAD_DIM=d, BLOCK_K=min(_pow2(d), max(16, 8192 // block_f)),
+        summaries if means is None else means, max_pages, num_splits, math.sqrt(scale), scale,
+        *query.stride(), *projection.stride(), *summaries.stride(), *page_max.stride(),
+        *((0, 0, 0) if means is None else means.stride()), *block_table.stride(), *logits.stride(), *m_buf.stride(),
+        HAS_MEANS=means is not None, GROUP=group, GROUP_PAD=_pow2(group), HEAD_DIM=d,
+        BLOCK_K=min(_pow2(d), max(16, 8192 // block_f)),
         PROJ_DIM=n, BLOCK_F=block_f, BLOCK_P=block_p, num_warps=8,  # no spills on sm_90 (4 spill, fp32 q)
     )
     shares_block_p = 256
@@ -367,19 +423,24 @@ def _log_features_ref(x: torch.Tensor, projection: torch.Tensor, scale: float) -
     return torch.cat([proj - half_norm, -proj - half_norm], dim=-1)
 
 
-def radar_summarize_pages_ref(kv_cache, blocks, projection, scale, summaries, page_max, **_) -> None:
+def radar_summarize_pages_ref(kv_cache, blocks, projection, scale, summaries, page_max, *, means=None, **_) -> None:
     """`RadarPolicy.observe_write` on the given blocks (same arguments as `radar_summarize_pages`)."""
     blocks = blocks[blocks >= 0].long().unique()
     if blocks.numel() == 0:
         return
-    feats = _log_features_ref(kv_cache[blocks, :, :, : kv_cache.shape[3] // 2], projection, scale)
+    keys = kv_cache[blocks, :, :, : kv_cache.shape[3] // 2]
+    if means is not None:
+        keys = keys.float()
+        means[blocks] = keys.mean(dim=2)
+        keys = keys - means[blocks][:, :, None]
+    feats = _log_features_ref(keys, projection, scale)
     pmax = feats.amax(dim=(2, 3))
     summaries[blocks] = torch.exp(feats - pmax[..., None, None]).sum(dim=2)
     page_max[blocks] = pmax
 
 
 def radar_page_scores_ref(query, summaries, page_max, block_table, num_pages, projection, scale, *,
-                          max_pages=None, **_) -> torch.Tensor:
+                          max_pages=None, means=None, **_) -> torch.Tensor:
     """`RadarPolicy.page_scores` (same arguments as `radar_page_scores`)."""
     num_rows, num_heads, _ = query.shape
     if max_pages is None:
@@ -392,6 +453,10 @@ def radar_page_scores_ref(query, summaries, page_max, block_table, num_pages, pr
     q_feats = torch.exp(q_feats - q_feats.amax(-1, keepdim=True))
     q_feats = q_feats.view(num_rows, num_kv_heads, num_heads // num_kv_heads, -1)
     logits = torch.einsum("nhgf,nhpf->nhgp", q_feats, summ).log() + pmax[:, :, None]
+    if means is not None:
+        mu = means[blocks].transpose(1, 2)  # [N, Hkv, P, D]
+        q = query.float().reshape(num_rows, num_kv_heads, num_heads // num_kv_heads, -1)
+        logits = logits + scale * torch.einsum("nhgd,nhpd->nhgp", q, mu)
     valid = torch.arange(max_pages, device=logits.device) < num_pages[:, None]
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     shares = torch.softmax(logits, dim=-1).nan_to_num(0.0)
