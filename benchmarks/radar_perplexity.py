@@ -58,6 +58,16 @@ def perplexity(model: str, backend: str, sparse: dict, prompts: list[list[int]],
     return {"ppl": math.exp(nll / count), "scored_tokens": count, "seconds": seconds}
 
 
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=4096)
@@ -91,7 +101,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores",
+        "machine": f"{platform.machine()} {_cpu_model()}, {os.cpu_count()} cores",
         "device": "cpu", "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
         "model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics",
         "context": args.context, "windows": args.windows, "budget": args.budget,

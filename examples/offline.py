@@ -44,7 +44,7 @@ def run(model: str, backend: str, batch: list, tokens: int) -> tuple[list[str], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M)")
-    parser.add_argument("--context", type=int, default=3500)
+    parser.add_argument("--context", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
