@@ -14,27 +14,16 @@ works; those timings are meaningless.
     python benchmarks/bench_paged_prefill.py [--lengths 2048 8192 32768] [--batch 1]
 """
 
-import argparse
-import os
-import sys
-import time
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel import
-
-import triton  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
+from common import bench
 from kernels.paged_prefill import paged_prefill  # noqa: E402
 
 
 def make_case(batch, length, hq, hkv, d, page, dtype, device):
     """Query [B*L, Hq, D], a paged cache with shuffled blocks, its block table, query_start_loc, seq_lens."""
-    pages = triton.cdiv(length, page)
-    kv_cache = torch.randn(batch * pages, hkv, page, 2 * d, dtype=dtype, device=device)
-    block_table = torch.randperm(batch * pages, device=device).view(batch, pages).to(torch.int32)
+    kv_cache, block_table = common.paged_cache(batch, length, hkv, d, page, dtype, device)
     query = torch.randn(batch * length, hq, d, dtype=dtype, device=device)
     qsl = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * length
     seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
@@ -49,31 +38,19 @@ def contiguous_kv(kv_cache, block_table, length, d, group):
     return kv[..., :d].contiguous(), kv[..., d:].contiguous()
 
 
-def bench(fn, use_cuda):
-    if use_cuda:
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--block-m", type=int, default=None, help="default: launcher heuristic")
     parser.add_argument("--block-n", type=int, default=None, help="default: launcher heuristic")
     args = parser.parse_args()
 
-    use_cuda = torch.cuda.is_available()
-    hq, hkv, d, page = 32, 8, 128, 16
-    if use_cuda:
-        device, dtype = "cuda", torch.bfloat16
-        print(f"device: {torch.cuda.get_device_name()}  Llama-3.1-8B: Hq={hq} Hkv={hkv} D={d} page={page} bf16")
-    else:  # tiny fp16 shape: bf16 tl.dot is wrong in the interpreter
-        device, dtype = "cpu", torch.float16
+    hq, hkv, d, page = common.LLAMA_8B
+    use_cuda, device, dtype = common.pick_device(hq, hkv, d, page)
+    if not use_cuda:  # tiny fp16 shape: bf16 tl.dot is wrong in the interpreter
         hq, hkv, d, args.lengths, args.batch = 4, 2, 64, [96], 1
-        print("NOTE: no CUDA GPU -- running a tiny shape under TRITON_INTERPRET; timings are meaningless.")
+        common.cpu_notice()
     group, scale = hq // hkv, d ** -0.5
     tiles = dict(block_m=args.block_m, block_n=args.block_n)
 
@@ -89,15 +66,7 @@ def main():
 
         q = query.view(args.batch, length, hq, d).transpose(1, 2)  # [B, Hq, L, D]
         k, v = contiguous_kv(kv_cache, block_table, length, d, group)
-        if use_cuda:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            def sdpa():
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
-            def sdpa():
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        sdpa = common.sdpa_fn(q, k, v, use_cuda, is_causal=True, scale=scale)
         ref = sdpa()
         sdpa_ms = bench(sdpa, use_cuda)
         diff = (out.view(args.batch, length, hq, d).transpose(1, 2).float() - ref.float()).abs().max().item()

@@ -17,33 +17,16 @@ path works; those timings are meaningless.
                                            [--estimators centred paper]
 """
 
-import argparse
-import os
-import sys
-import time
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel import
-
-import triton  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
+from common import bench
 from kernels.radar_score import radar_page_scores, radar_page_scores_ref, radar_summarize_pages  # noqa: E402
 from kernels.sparse_decode import sparse_paged_decode  # noqa: E402
 
 
-def bench(fn, use_cuda):
-    if use_cuda:
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256], help="projection dims n")
@@ -55,16 +38,12 @@ def main():
     parser.add_argument("--no-ref", action="store_true", help="skip the torch reference path")
     args = parser.parse_args()
 
-    use_cuda = torch.cuda.is_available()
-    hq, hkv, d, page = 32, 8, 128, 16
-    if use_cuda:
-        device, dtype = "cuda", torch.bfloat16
-        print(f"device: {torch.cuda.get_device_name()}  Llama-3.1-8B: Hq={hq} Hkv={hkv} D={d} page={page} bf16")
-    else:  # tiny fp16 shape: bf16 tl.dot is wrong in the interpreter (sparse decode)
-        device, dtype = "cpu", torch.float16
+    hq, hkv, d, page = common.LLAMA_8B
+    use_cuda, device, dtype = common.pick_device(hq, hkv, d, page)
+    if not use_cuda:  # tiny fp16 shape: bf16 tl.dot is wrong in the interpreter (sparse decode)
         hq, hkv, d, args.contexts, args.batches, args.dims = 4, 2, 64, [512], [2], [64]
         args.budget, args.sinks, args.window = 256, 16, 16
-        print("NOTE: no CUDA GPU -- running a tiny shape under TRITON_INTERPRET; timings are meaningless.")
+        common.cpu_notice()
     scale = d ** -0.5
     header = (f"{'context':>8} {'batch':>5} {'n':>4} {'est':>7} {'k':>4} {'score ms':>9} {'ref ms':>8} {'x ref':>6} "
               f"{'sparse ms':>9} {'dense ms':>9} {'score %':>8} {'x dense':>8} {'summ ms':>8}")
@@ -72,16 +51,15 @@ def main():
     print("-" * len(header))
     for context in args.contexts:
         for batch in args.batches:
-            pages = triton.cdiv(context, page)
-            kv_cache = torch.randn(batch * pages, hkv, page, 2 * d, dtype=dtype, device=device)
-            block_table = torch.randperm(batch * pages, device=device).view(batch, pages).to(torch.int32)
+            kv_cache, block_table = common.paged_cache(batch, context, hkv, d, page, dtype, device)
+            pages = block_table.shape[1]
             query = torch.randn(batch, hq, d, dtype=dtype, device=device)
             seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
             # candidates: full pages before the window; k pages fill the budget beside sinks and window
             cand = (context - args.window) // page
             num_pages = torch.full((batch,), cand, dtype=torch.int32, device=device)
             k = min((args.budget - args.sinks - args.window) // page, cand)
-            all_pages = torch.arange(pages, dtype=torch.int32, device=device).expand(batch, hkv, pages).contiguous()
+            all_pages = common.all_pages(batch, hkv, pages, device)
             dense_ms = bench(lambda: sparse_paged_decode(query, kv_cache, block_table, seq_lens, all_pages, "page",
                                                          args.sinks, args.window), use_cuda)
             del all_pages

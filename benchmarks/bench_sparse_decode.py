@@ -13,30 +13,12 @@ that the code path works; those timings are meaningless.
     python benchmarks/bench_sparse_decode.py [--contexts 32768 131072] [--batches 1 32]
 """
 
-import argparse
-import os
-import sys
-import time
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel import
-
+import common  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
+from common import bench, make_decode_case
 import triton  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.sparse_decode import sparse_paged_decode  # noqa: E402
-
-
-def make_case(batch, context, hq, hkv, d, page, dtype, device):
-    """Random paged cache (shuffled blocks), query and block table; every sequence has `context` tokens."""
-    pages = triton.cdiv(context, page)
-    kv_cache = torch.randn(batch * pages, hkv, page, 2 * d, dtype=dtype, device=device)
-    block_table = torch.randperm(batch * pages, device=device).view(batch, pages).to(torch.int32)
-    query = torch.randn(batch, hq, d, dtype=dtype, device=device)
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    return query, kv_cache, block_table, seq_lens
 
 
 def random_pages(batch, hkv, context, page, budget, sinks, window):
@@ -47,16 +29,8 @@ def random_pages(batch, hkv, context, page, budget, sinks, window):
     return (scores.topk(num, dim=-1).indices + lo).to(torch.int32), num
 
 
-def bench(fn, use_cuda):
-    if use_cuda:
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096])
@@ -65,16 +39,12 @@ def main():
     parser.add_argument("--num-splits", type=int, default=None, help="default: launcher heuristic")
     args = parser.parse_args()
 
-    use_cuda = torch.cuda.is_available()
-    hq, hkv, d, page = 32, 8, 128, 16
-    if use_cuda:
-        device, dtype = "cuda", torch.bfloat16
-        print(f"device: {torch.cuda.get_device_name()}  Llama-3.1-8B: Hq={hq} Hkv={hkv} D={d} page={page} bf16")
-    else:  # tiny fp16 shape: bf16 tl.dot is wrong in the interpreter
-        device, dtype = "cpu", torch.float16
+    hq, hkv, d, page = common.LLAMA_8B
+    use_cuda, device, dtype = common.pick_device(hq, hkv, d, page)
+    if not use_cuda:  # tiny fp16 shape: bf16 tl.dot is wrong in the interpreter
         hq, hkv, args.contexts, args.batches, args.budgets = 4, 2, [512], [2], [256]
         args.sinks, args.window = 16, 16
-        print("NOTE: no CUDA GPU -- running a tiny shape under TRITON_INTERPRET; timings are meaningless.")
+        common.cpu_notice()
     elem = torch.tensor([], dtype=dtype).element_size()
     kw = dict(num_splits=args.num_splits)
 
@@ -84,25 +54,12 @@ def main():
     print("-" * len(header))
     for context in args.contexts:
         for batch in args.batches:
-            query, kv_cache, block_table, seq_lens = make_case(batch, context, hq, hkv, d, page, dtype, device)
+            query, kv_cache, block_table, seq_lens = make_decode_case(batch, context, hq, hkv, d, page, dtype, device)
             n_pages = block_table.shape[1]
-            all_pages = torch.arange(n_pages, dtype=torch.int32, device=device).expand(batch, hkv, n_pages).contiguous()
+            all_pages = common.all_pages(batch, hkv, n_pages, device)
             dense_ms = bench(lambda: sparse_paged_decode(query, kv_cache, block_table, seq_lens, all_pages, "page",
                                                          args.sinks, args.window, **kw), use_cuda)
-            # SDPA on contiguous K/V [B, Hkv, T, D]; each KV head's query group acts as its query length
-            # (exact for decode, no causal mask), so the flash backend needs no GQA support.
-            k = torch.randn(batch, hkv, context, d, dtype=dtype, device=device)
-            v = torch.randn_like(k)
-            q = query.view(batch, hkv, hq // hkv, d)
-            if use_cuda:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                def sdpa():
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            else:
-                def sdpa():
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            sdpa, k, v = common.decode_sdpa(query, hkv, context, use_cuda)
             sdpa_ms = bench(sdpa, use_cuda)
             del k, v
             for budget in args.budgets:

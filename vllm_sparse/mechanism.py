@@ -47,9 +47,9 @@ class TorchMechanism:
                                                      seq_len, scale)
 
     def decode(self, query, kv_cache, block_table, seq_lens, pages, sinks, window, scale):
-        positions, valid = reference.selection_positions(pages, seq_lens, sinks, window,
-                                                         kv_cache.shape[2])
-        key, value = reference.gather_kv(kv_cache, block_table, positions)
+        page_ids, valid = reference.selection_pages(pages, seq_lens, sinks, window,
+                                                    kv_cache.shape[2])
+        key, value = reference.gather_pages(kv_cache, block_table, page_ids)
         return reference.attend(query, key, value, valid, scale)[0]
 
 

@@ -92,6 +92,48 @@ def selection_positions(pages: torch.Tensor, seq_lens: torch.Tensor, num_sink_to
     return positions.where(valid, 0), valid
 
 
+def selection_pages(pages: torch.Tensor, seq_lens: torch.Tensor, num_sink_tokens,
+                    local_window, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same selection as whole pages: page ids [N, Hkv, P] (-1: none) and the validity
+    [N, Hkv, P * block_size] of each of their tokens. Reading whole pages is much cheaper
+    than reading tokens one by one; each attended token is valid in exactly one place
+    (sink pages: t < S; selected pages: S <= t < T - W; window pages: t >= max(T - W, S))."""
+    num_rows, num_kv_heads, _ = pages.shape
+    device = pages.device
+    ctx = seq_lens.long()[:, None, None]
+    sinks_n = _per_row(num_sink_tokens, seq_lens)[:, None, None]
+    window_n = _per_row(local_window, seq_lens)[:, None, None]
+    sink_pages = -(-int(sinks_n.max()) // block_size) if num_rows else 0
+    window_pages = -(-int(window_n.max()) // block_size) + 1 if num_rows else 0
+    first_window_page = (ctx - window_n).clamp(min=0) // block_size
+    ids = torch.cat([
+        torch.arange(sink_pages, device=device).expand(num_rows, num_kv_heads, -1),
+        pages.long(),
+        (first_window_page + torch.arange(window_pages, device=device)).expand(-1, num_kv_heads, -1),
+    ], dim=-1)
+    kind = torch.cat([torch.zeros(sink_pages, dtype=torch.long, device=device),
+                      torch.ones(pages.shape[-1], dtype=torch.long, device=device),
+                      torch.full((window_pages,), 2, dtype=torch.long, device=device)])
+    pos = ids[..., None] * block_size + torch.arange(block_size, device=device)   # [N, H, P, bs]
+    kind, lo, hi = kind[:, None], sinks_n[..., None], (ctx - window_n)[..., None]
+    valid = torch.where(kind == 0, pos < lo,
+                        torch.where(kind == 1, (pos >= lo) & (pos < hi), pos >= torch.maximum(hi, lo)))
+    readable = (ids >= 0) & (ids * block_size < ctx)    # page exists in the block table
+    valid &= readable[..., None] & (pos < ctx[..., None])
+    return ids.where(readable, 0), valid.flatten(2)
+
+
+def gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor,
+                 page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [N, Hkv, P * block_size, D] of logical pages `page_ids` [N, Hkv, P]."""
+    num_rows, num_kv_heads, num_pages = page_ids.shape
+    head_size = kv_cache.shape[3] // 2
+    blocks = block_table.long().gather(1, page_ids.reshape(num_rows, -1)).view_as(page_ids)
+    heads = torch.arange(num_kv_heads, device=page_ids.device)[None, :, None]
+    kv = kv_cache[blocks, heads].flatten(2, 3)                       # [N, H, P * bs, 2D]
+    return kv[..., :head_size], kv[..., head_size:]
+
+
 def selection_mask(pages: torch.Tensor, seq_lens: torch.Tensor, num_sink_tokens,
                    local_window, block_size: int, length: int) -> torch.Tensor:
     """The same selection as a boolean mask [N, Hkv, length] over logical positions."""

@@ -1,25 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tests for the paged KV-cache write kernel (kernels/kv_write.py)."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Triton reads this when the kernel module is imported: set it first.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO_ROOT)
+from paged_inputs import (  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
+    BLOCK_SIZE, DEVICE, cache_view, load_package_reference, strided_cache,
+)
 
 from kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Most common vLLM cache block size.
-BLOCK_SIZE = 16
 # (Hkv, D): a power-of-two shape, and non-power-of-two heads and head size (masked tiles).
 SHAPES = [(2, 64), (3, 80)]
 # (cache dtype, input dtype): exact copies, and a down-cast fp32 -> fp16 as in a fp16 cache.
@@ -33,23 +22,11 @@ NUM_TOKENS = [5, 70]
 NUM_BLOCKS = 13
 
 
-def _view(base, layout, d):
-    """The logical [num_blocks, Hkv, block_size, 2*D] cache view of a physical allocation."""
-    if layout == "padded":
-        return base[:, 1:, :, 4:4 + 2 * d]
-    return base.permute(0, 2, 1, 3) if layout == "permuted" else base[..., ::2]
-
-
 def _make_cache(hkv, d, dtype, layout, *, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, seed=0):
     """(physical allocation, strided cache view of it); see LAYOUTS."""
     gen = torch.Generator().manual_seed(seed)
-    shape = {"padded": (num_blocks, hkv + 1, block_size, 2 * d + 8),
-             "permuted": (num_blocks, block_size, hkv, 2 * d),
-             "every_other": (num_blocks, hkv, block_size, 4 * d)}[layout]
-    base = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
-    kv_cache = _view(base, layout, d)
-    assert not kv_cache.is_contiguous()
-    return base, kv_cache
+    return strided_cache(num_blocks, hkv, dtype, layout, gen, head_dim=d, block_size=block_size,
+                         view_on_device=True)
 
 
 def _make_tokens(t, hkv, d, dtype, *, num_slots=NUM_BLOCKS * BLOCK_SIZE, slot_dtype=torch.int64, seed=1):
@@ -73,7 +50,7 @@ def _make_tokens(t, hkv, d, dtype, *, num_slots=NUM_BLOCKS * BLOCK_SIZE, slot_dt
 def test_matches_reference(hkv, d, cache_dtype, in_dtype, layout, t):
     base, kv_cache = _make_cache(hkv, d, cache_dtype, layout)
     base_ref = base.clone()
-    kv_ref = _view(base_ref, layout, d)
+    kv_ref = cache_view(base_ref, layout, d)
     key, value, slots = _make_tokens(t, hkv, d, in_dtype)
     write_kv(kv_cache, key, value, slots)
     write_kv_ref(kv_ref, key, value, slots)
@@ -96,7 +73,7 @@ def test_slot_dtypes_and_all_padding(slot_dtype):
     write_kv(kv_cache, key[:0], value[:0], slots[:0])  # no tokens at all
     assert torch.equal(base, before)
     write_kv(kv_cache, key, value, slots)
-    write_kv_ref(_view(before, "padded", d), key, value, slots)
+    write_kv_ref(cache_view(before, "padded", d), key, value, slots)
     assert torch.equal(base, before)
 
 
@@ -124,22 +101,19 @@ def test_heads_split_over_programs():
     base_ref = base.clone()
     key, value, slots = _make_tokens(6, hkv, d, torch.float32)
     write_kv(kv_cache, key, value, slots)
-    write_kv_ref(_view(base_ref, "every_other", d), key, value, slots)
+    write_kv_ref(cache_view(base_ref, "every_other", d), key, value, slots)
     assert torch.equal(base, base_ref)
 
 
 def test_reference_equals_package_reference():
     """write_kv_ref has the semantics of vllm_sparse.reference.write_kv (loaded without vLLM)."""
-    spec = importlib.util.spec_from_file_location("_vs_reference", os.path.join(REPO_ROOT, "vllm_sparse",
-                                                                                "reference.py"))
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
+    ref = load_package_reference()
     hkv, d = 3, 80
     base, kv_cache = _make_cache(hkv, d, torch.float16, "permuted")
     base_pkg = base.clone()
     key, value, slots = _make_tokens(40, hkv, d, torch.float32, slot_dtype=torch.int32)
     write_kv_ref(kv_cache, key, value, slots)
-    ref.write_kv(_view(base_pkg, "permuted", d), key, value, slots)
+    ref.write_kv(cache_view(base_pkg, "permuted", d), key, value, slots)
     assert torch.equal(base, base_pkg)
 
 
@@ -154,5 +128,5 @@ def test_gpu_llama8b_shapes(dtype):
         base_ref = base.clone()
         key, value, slots = _make_tokens(t, hkv, d, dtype, num_slots=num_blocks * BLOCK_SIZE, seed=t + 1)
         write_kv(kv_cache, key, value, slots.to(torch.int32))
-        write_kv_ref(_view(base_ref, "padded", d), key, value, slots)
+        write_kv_ref(cache_view(base_ref, "padded", d), key, value, slots)
         assert torch.equal(base, base_ref)

@@ -1,27 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tests for the causal paged prefill attention kernel (kernels/paged_prefill.py)."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Triton reads this when the kernel module is imported: set it first.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO_ROOT)
+from paged_inputs import (  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
+    BLOCK_SIZE, DEVICE, HEAD_DIM, load_package_reference, num_pages, shuffled_block_table, strided_cache,
+)
 
 from kernels.paged_prefill import paged_prefill, paged_prefill_ref  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Smallest common model head size; keeps the CPU interpreter fast.
-HEAD_DIM = 64
-# Most common vLLM cache block size.
-BLOCK_SIZE = 16
 # Group sizes 1, 3, 5, 4, 8: equal heads, non-power-of-two groups (partly empty BLOCK_M rows), MQA-like 8:1.
 GQA = [(4, 4), (6, 2), (5, 1), (8, 2), (8, 1)]
 # fp32 checks the math tightly; fp16 is the low-precision path the interpreter computes correctly
@@ -39,36 +26,18 @@ def _make_inputs(rows, hq, hkv, dtype, *, block_size=BLOCK_SIZE, head_dim=HEAD_D
     """Random query [T, Hq, D], a *strided* kv_cache view, a shuffled block table, query_start_loc, seq_lens."""
     gen = torch.Generator().manual_seed(seed)
     n = len(rows)
-    max_pages = max(-(-ctx // block_size) for _, ctx in rows) + 1
+    max_pages = num_pages([ctx for _, ctx in rows], block_size)
     num_blocks = n * max_pages + 7  # more physical blocks than needed
     # Views are taken on DEVICE: .to(device) would make a non-dense view contiguous.
-    if layout == "padded":  # extra head and extra channels around the logical view
-        base = torch.randn(num_blocks, hkv + 1, block_size, 2 * head_dim + 8, generator=gen)
-        kv_cache = base.to(dtype).to(DEVICE)[:, 1:, :, 4:4 + 2 * head_dim]
-    elif layout == "every_other":  # non-unit channel stride
-        base = torch.randn(num_blocks, hkv, block_size, 4 * head_dim, generator=gen)
-        kv_cache = base.to(dtype).to(DEVICE)[..., ::2]
-    else:  # "permuted": physical [blocks, block_size, Hkv, 2D] seen as [blocks, Hkv, block_size, 2D]
-        base = torch.randn(num_blocks, block_size, hkv, 2 * head_dim, generator=gen)
-        kv_cache = base.to(dtype).to(DEVICE).permute(0, 2, 1, 3)
-    assert not kv_cache.is_contiguous()
-    block_table = torch.randperm(num_blocks, generator=gen)[: n * max_pages].view(n, max_pages)
+    _, kv_cache = strided_cache(num_blocks, hkv, dtype, layout, gen, head_dim=head_dim, block_size=block_size,
+                                view_on_device=True)
+    block_table = shuffled_block_table(n, max_pages, num_blocks, gen)
     q_lens = [q for q, _ in rows]
     qsl = torch.tensor([0] + q_lens).cumsum(0)
     # query as a strided view (e.g. a slice of a fused qkv projection)
     query = torch.randn(sum(q_lens), hq, head_dim + 4, generator=gen).to(dtype).to(DEVICE)[..., 2:2 + head_dim]
     return (query, kv_cache, block_table.to(torch.int32).to(DEVICE),
             qsl.to(torch.int32).to(DEVICE), torch.tensor([c for _, c in rows], dtype=torch.int32, device=DEVICE))
-
-
-def _load_package_reference():
-    """vllm_sparse/reference.py loaded by path: it needs only torch, and skipping the package
-    __init__ avoids importing vLLM (seconds)."""
-    spec = importlib.util.spec_from_file_location("_vs_reference", os.path.join(REPO_ROOT, "vllm_sparse",
-                                                                                "reference.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
@@ -90,7 +59,7 @@ def test_small_tiles(hq, hkv):
 
 def test_reference_equals_package_reference():
     """paged_prefill_ref == vllm_sparse.reference.dense_prefill row by row (the backend's torch path)."""
-    ref = _load_package_reference()
+    ref = load_package_reference()
     hq, hkv = 6, 2
     query, kv_cache, block_table, qsl, seq_lens = _make_inputs(ROWS, hq, hkv, torch.float32, layout="permuted")
     out = paged_prefill_ref(query, kv_cache, block_table, qsl, seq_lens, HEAD_DIM ** -0.5)

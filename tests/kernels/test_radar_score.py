@@ -7,18 +7,12 @@ with centred keys (`means`, RadarConfig.center_keys, the default) and without (t
 """
 
 import math
-import os
-import sys
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Triton reads this when the kernel module is imported: set it first.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO_ROOT)
+from paged_inputs import (  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
+    BLOCK_SIZE, DEVICE, HEAD_DIM, strided_cache,
+)
 
 from kernels.radar_score import (  # noqa: E402
     radar_page_scores,
@@ -27,14 +21,9 @@ from kernels.radar_score import (  # noqa: E402
     radar_summarize_pages_ref,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # log(0) of never-summarised pages is part of the semantics (-inf logits); numpy warns under the interpreter
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
-# Smallest common model head size; keeps the CPU interpreter fast.
-HEAD_DIM = 64
 SCALE = HEAD_DIM ** -0.5
-# Most common vLLM cache block size.
-BLOCK_SIZE = 16
 # Group sizes 1, 3 and 5: equal heads, a non-power-of-two group and MQA-like 5:1.
 GQA = [(4, 4), (6, 2), (5, 1)]
 # RadarConfig's default n = 128, and a smaller n = 64 (one vs. two page tiles by default).
@@ -61,13 +50,8 @@ MEAN_TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 mean of block_size keys (summation
 def _make_cache(num_blocks, hkv, dtype, *, head_dim=HEAD_DIM, block_size=BLOCK_SIZE, layout="padded", seed=0):
     """A *strided* random kv_cache view [num_blocks, Hkv, block_size, 2D]."""
     gen = torch.Generator().manual_seed(seed)
-    if layout == "padded":  # extra head and extra channels around the logical view
-        base = torch.randn(num_blocks, hkv + 1, block_size, 2 * head_dim + 8, generator=gen)
-        kv_cache = base.to(dtype)[:, 1:, :, 4:4 + 2 * head_dim]
-    else:  # "permuted": physical [blocks, block_size, Hkv, 2D]
-        kv_cache = torch.randn(num_blocks, block_size, hkv, 2 * head_dim, generator=gen).to(dtype).permute(0, 2, 1, 3)
-    assert not kv_cache.is_contiguous()
-    return kv_cache.to(DEVICE)
+    return strided_cache(num_blocks, hkv, dtype, layout, gen, head_dim=head_dim, block_size=block_size,
+                         view_on_device=False)[1]
 
 
 def _projection(head_dim, n, seed=1):

@@ -1,26 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tests for dense paged decode with per-token score capture (kernels/score_capture.py)."""
 
-import os
-import sys
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Triton reads this when the kernel module is imported: set it first.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO_ROOT)
+from paged_inputs import (  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
+    BLOCK_SIZE, DEVICE, HEAD_DIM, decode_inputs, gather_kv,
+)
 
 from kernels.score_capture import decode_with_scores, decode_with_scores_ref  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Smallest common model head size; keeps the CPU interpreter fast.
-HEAD_DIM = 64
-# Most common vLLM cache block size.
-BLOCK_SIZE = 16
 # Group sizes 1, 3, 5, 8: equal heads, non-power-of-two groups and MQA-like 8:1 (4 is in the GPU test).
 GQA = [(4, 4), (6, 2), (5, 1), (8, 1)]
 # fp32 checks the math tightly; fp16 is the low-precision path the interpreter computes correctly
@@ -36,35 +24,21 @@ SEQ_LENS = [0, 1, 29, 150]
 def _make_inputs(seq_lens, hq, hkv, dtype, *, block_size=BLOCK_SIZE, head_dim=HEAD_DIM,
                  layout="padded", seed=0, q_scale=1.0):
     """Random query, a *strided* kv_cache view, a shuffled block table and seq_lens."""
-    gen = torch.Generator().manual_seed(seed)
-    n = len(seq_lens)
-    max_pages = max(-(-t // block_size) for t in seq_lens) + 1
-    num_blocks = n * max_pages + 7  # more physical blocks than needed
-    if layout == "padded":  # extra head and extra channels around the logical view
-        base = torch.randn(num_blocks, hkv + 1, block_size, 2 * head_dim + 8, generator=gen)
-        kv_cache = base.to(dtype)[:, 1:, :, 4:4 + 2 * head_dim]
-    else:  # "permuted": physical [blocks, block_size, Hkv, 2D] seen as [blocks, Hkv, block_size, 2D]
-        base = torch.randn(num_blocks, block_size, hkv, 2 * head_dim, generator=gen)
-        kv_cache = base.to(dtype).permute(0, 2, 1, 3)
-    assert not kv_cache.is_contiguous()
-    block_table = torch.randperm(num_blocks, generator=gen)[: n * max_pages].view(n, max_pages)
-    query = (q_scale * torch.randn(n, hq, head_dim, generator=gen)).to(dtype)
-    return (query.to(DEVICE), kv_cache.to(DEVICE), block_table.to(torch.int32).to(DEVICE),
-            torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE))
+    return decode_inputs(seq_lens, hq, hkv, dtype, block_size=block_size, head_dim=head_dim, layout=layout,
+                         seed=seed, q_scale=q_scale)
 
 
 def _dense_probs(query, kv_cache, block_table, seq_lens, scale):
     """Independent check in float32: (SDPA output [N, Hq, D], per-head softmax list of [Hq, T_i])."""
     n, hq, d = query.shape
-    hkv, bs = kv_cache.shape[1], kv_cache.shape[2]
+    hkv = kv_cache.shape[1]
     outs, probs = [], []
     for i in range(n):
-        pos = torch.arange(int(seq_lens[i]), device=kv_cache.device)
-        kv = kv_cache[block_table[i, pos // bs].long(), :, pos % bs].float()  # [T, Hkv, 2D]
+        kv = gather_kv(kv_cache, block_table, i, int(seq_lens[i])).float()  # [T, Hkv, 2D]
         k = kv[..., :d].repeat_interleave(hq // hkv, dim=1).transpose(0, 1)  # [Hq, T, D]
         v = kv[..., d:].repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
         q = query[i].float()[:, None]  # [Hq, 1, D]
-        if len(pos):
+        if kv.shape[0]:
             outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)[:, 0])
         else:
             outs.append(torch.zeros(hq, d, device=query.device))

@@ -1,26 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tests for the sparse paged decode attention kernel (kernels/sparse_decode.py)."""
 
-import os
-import sys
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Triton reads this when the kernel module is imported: set it first.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO_ROOT)
+from paged_inputs import (  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
+    BLOCK_SIZE, DEVICE, HEAD_DIM, decode_inputs, gather_kv,
+)
 
 from kernels.sparse_decode import sparse_paged_decode, sparse_paged_decode_ref  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Smallest common model head size; keeps the CPU interpreter fast.
-HEAD_DIM = 64
-# Most common vLLM cache block size.
-BLOCK_SIZE = 16
 # Group sizes 1, 3, 5, 8: equal heads, non-power-of-two groups and MQA-like 8:1.
 GQA = [(4, 4), (6, 2), (5, 1), (8, 1)]
 # fp32 checks the math tightly; fp16 is the low-precision path the interpreter computes correctly
@@ -39,21 +27,8 @@ NUM_SELECTED = {"page": 5, "token": 40}
 def _make_inputs(seq_lens, hq, hkv, dtype, *, block_size=BLOCK_SIZE, head_dim=HEAD_DIM,
                  layout="padded", seed=0):
     """Random query, a *strided* kv_cache view, a shuffled block table and seq_lens."""
-    gen = torch.Generator().manual_seed(seed)
-    n = len(seq_lens)
-    max_pages = max(-(-t // block_size) for t in seq_lens) + 1
-    num_blocks = n * max_pages + 7  # more physical blocks than needed
-    if layout == "padded":  # extra head and extra channels around the logical view
-        base = torch.randn(num_blocks, hkv + 1, block_size, 2 * head_dim + 8, generator=gen)
-        kv_cache = base.to(dtype)[:, 1:, :, 4:4 + 2 * head_dim]
-    else:  # "permuted": physical [blocks, block_size, Hkv, 2D] seen as [blocks, Hkv, block_size, 2D]
-        base = torch.randn(num_blocks, block_size, hkv, 2 * head_dim, generator=gen)
-        kv_cache = base.to(dtype).permute(0, 2, 1, 3)
-    assert not kv_cache.is_contiguous()
-    block_table = torch.randperm(num_blocks, generator=gen)[: n * max_pages].view(n, max_pages)
-    query = torch.randn(n, hq, head_dim, generator=gen).to(dtype)
-    return (query.to(DEVICE), kv_cache.to(DEVICE), block_table.to(torch.int32).to(DEVICE),
-            torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE))
+    return decode_inputs(seq_lens, hq, hkv, dtype, block_size=block_size, head_dim=head_dim, layout=layout,
+                         seed=seed)
 
 
 def _random_selection(seq_lens, hkv, mode, num_sel, *, block_size=BLOCK_SIZE, seed=1):
@@ -69,12 +44,6 @@ def _random_selection(seq_lens, hkv, mode, num_sel, *, block_size=BLOCK_SIZE, se
     return torch.stack(rows).view(len(seq_lens), hkv, num_sel).to(torch.int32).to(DEVICE)
 
 
-def _gather_kv(kv_cache, block_table, i, t_len):
-    """Contiguous [T, Hkv, 2D] K/V of sequence i."""
-    pos = torch.arange(t_len, device=kv_cache.device)
-    return kv_cache[block_table[i, pos // kv_cache.shape[2]].long(), :, pos % kv_cache.shape[2]]
-
-
 def _dense_union_attention(query, kv_cache, block_table, seq_lens, selected, mode, sinks, window, scale):
     """Independent check: python-set union mask + dense masked softmax in float64."""
     n, hq, d = query.shape
@@ -83,7 +52,7 @@ def _dense_union_attention(query, kv_cache, block_table, seq_lens, selected, mod
     counts = torch.zeros(n, hkv, dtype=torch.int64)
     for i in range(n):
         t_len = int(seq_lens[i])
-        kv = _gather_kv(kv_cache, block_table, i, t_len).double().cpu()
+        kv = gather_kv(kv_cache, block_table, i, t_len).double().cpu()
         for g in range(hkv):
             keep = set(range(min(sinks, t_len))) | set(range(max(t_len - window, 0), t_len))
             for e in selected[i, g].tolist():
@@ -106,7 +75,7 @@ def _sdpa_dense(query, kv_cache, block_table, seq_lens, scale):
     group = hq // kv_cache.shape[1]
     outs = []
     for i in range(n):
-        kv = _gather_kv(kv_cache, block_table, i, int(seq_lens[i])).float()  # [T, Hkv, 2D]
+        kv = gather_kv(kv_cache, block_table, i, int(seq_lens[i])).float()  # [T, Hkv, 2D]
         k = kv[..., :d].repeat_interleave(group, dim=1).transpose(0, 1)[None]  # [1, Hq, T, D]
         v = kv[..., d:].repeat_interleave(group, dim=1).transpose(0, 1)[None]
         q = query[i].float()[None, :, None]  # [1, Hq, 1, D]

@@ -99,3 +99,24 @@ def test_positions_and_mask_describe_the_same_set():
             got = positions[i, h][valid[i, h]]
             assert got.unique().numel() == got.numel(), "a token was attended twice"
             assert sorted(got.tolist()) == mask[i, h].nonzero().squeeze(1).tolist()
+
+
+def test_page_gather_reads_the_same_set():
+    """The torch decode reads whole pages; their valid tokens are exactly the selection."""
+    gen = torch.Generator().manual_seed(3)
+    seq_lens = torch.tensor([1, 5, 64, 100, 200, 31])
+    sinks = torch.tensor([0, 3, 3, 1, 17, 40])
+    window = torch.tensor([0, 2, 20, 33, 5, 0])
+    pages = torch.full((6, 2, 4), -1)
+    for i in range(6):
+        for h in range(2):
+            chosen = torch.randperm(14, generator=gen)[: int(torch.randint(0, 5, (1,), generator=gen))]
+            pages[i, h, : chosen.numel()] = chosen
+    mask = reference.selection_mask(pages, seq_lens, sinks, window, 16, 224)
+    ids, valid = reference.selection_pages(pages, seq_lens, sinks, window, 16)
+    tokens = (ids[..., None] * 16 + torch.arange(16)).flatten(2)
+    for i in range(6):
+        for h in range(2):
+            got = tokens[i, h][valid[i, h]]
+            assert got.unique().numel() == got.numel(), "a token was read twice"
+            assert sorted(got.tolist()) == mask[i, h].nonzero().squeeze(1).tolist()
