@@ -222,10 +222,10 @@ class SparseAttentionImpl(AttentionImpl):
         if gather:
             pages, sinks, window = _with_dense_rows(selection, dense, seq_lens, block_size,
                                                     self.num_kv_heads)
-            _, valid = reference.selection_positions(pages, seq_lens, sinks, window, block_size)
+            out, valid = self.mechanism.decode(query, kv_cache, block_table, seq_lens, pages,
+                                               sinks, window, self.scale)
             self._count(valid, seq_lens, int(dense.sum()))
-            return self.mechanism.decode(query, kv_cache, block_table, seq_lens, pages, sinks,
-                                         window, self.scale)
+            return out
         length = int(seq_lens.max())
         positions = torch.arange(length, device=query.device)
         valid = (positions < seq_lens[:, None, None]).expand(-1, self.num_kv_heads, -1)

@@ -7,7 +7,8 @@ elsewhere, `triton` on a CPU runs the kernels under Triton's interpreter
 (`TRITON_INTERPRET=1`, slow: for tests), `torch` is the fallback everywhere.
 
 A decode `Selection` (pages [N, Hkv, K], per-row sinks and window) is attended by
-`decode`; dense rows are passed as every page with no sinks or window.
+`decode`; dense rows are passed as every page with no sinks or window. `decode` also
+returns which tokens it attended (for the backend's counters).
 """
 
 import os
@@ -47,10 +48,11 @@ class TorchMechanism:
                                                      seq_len, scale)
 
     def decode(self, query, kv_cache, block_table, seq_lens, pages, sinks, window, scale):
+        """(out [N, Hq, D], valid [N, Hkv, L]: the attended tokens of the pages read)."""
         page_ids, valid = reference.selection_pages(pages, seq_lens, sinks, window,
                                                     kv_cache.shape[2])
         key, value = reference.gather_pages(kv_cache, block_table, page_ids)
-        return reference.attend(query, key, value, valid, scale)[0]
+        return reference.attend(query, key, value, valid, scale)[0], valid
 
 
 class TritonMechanism:
@@ -75,8 +77,11 @@ class TritonMechanism:
         self._prefill(query, kv_cache, block_tables.to(torch.int32), starts, lens, scale, out=out)
 
     def decode(self, query, kv_cache, block_table, seq_lens, pages, sinks, window, scale):
-        return self._decode(query, kv_cache, block_table.to(torch.int32), seq_lens.to(torch.int32),
-                            pages.to(torch.int32), "page", sinks, window, scale)
+        """(out [N, Hq, D], valid [N, Hkv, L]); `valid` only feeds the counters."""
+        out = self._decode(query, kv_cache, block_table.to(torch.int32), seq_lens.to(torch.int32),
+                           pages.to(torch.int32), "page", sinks, window, scale)
+        _, valid = reference.selection_pages(pages, seq_lens, sinks, window, kv_cache.shape[2])
+        return out, valid
 
 
 def make_mechanism(name: str):

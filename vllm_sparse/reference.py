@@ -67,31 +67,6 @@ def _per_row(value, seq_lens: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, device=seq_lens.device).long().expand(seq_lens.shape[0])
 
 
-def selection_positions(pages: torch.Tensor, seq_lens: torch.Tensor, num_sink_tokens,
-                        local_window, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logical positions [N, Hkv, L] and validity of a page-mode selection (module docstring)."""
-    num_rows, num_kv_heads, _ = pages.shape
-    device = pages.device
-    ctx = seq_lens.long()[:, None, None]
-    sinks_n = _per_row(num_sink_tokens, seq_lens)[:, None, None]
-    window_n = _per_row(local_window, seq_lens)[:, None, None]
-    max_sinks = int(sinks_n.max()) if num_rows else 0
-    max_window = int(window_n.max()) if num_rows else 0
-    sinks = torch.arange(max_sinks, device=device).expand(num_rows, 1, -1)
-    window = ctx - max_window + torch.arange(max_window, device=device)
-    in_pages = (pages.long()[..., None] * block_size + torch.arange(block_size, device=device))
-    in_pages = in_pages.flatten(2)
-    page_ok = (pages >= 0).repeat_interleave(block_size, dim=-1)
-    positions = torch.cat([sinks.expand(-1, num_kv_heads, -1),
-                           window.expand(-1, num_kv_heads, -1), in_pages], dim=-1)
-    valid = torch.cat([
-        ((sinks < sinks_n) & (sinks < ctx)).expand(-1, num_kv_heads, -1),
-        ((window >= ctx - window_n) & (window >= sinks_n)).expand(-1, num_kv_heads, -1),
-        page_ok & (in_pages >= sinks_n) & (in_pages < ctx - window_n),
-    ], dim=-1)
-    return positions.where(valid, 0), valid
-
-
 def selection_pages(pages: torch.Tensor, seq_lens: torch.Tensor, num_sink_tokens,
                     local_window, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same selection as whole pages: page ids [N, Hkv, P] (-1: none) and the validity

@@ -79,28 +79,6 @@ def test_segments_grow_only_when_the_context_doubles():
     assert pages.tolist() == [1, 1, 1, 1, 2, 11]
 
 
-def test_positions_and_mask_describe_the_same_set():
-    gen = torch.Generator().manual_seed(0)
-    seq_lens = torch.tensor([5, 64, 100, 200])
-    pages = torch.randint(-1, 13, (4, 3, 6), generator=gen)
-    pages = torch.where(torch.rand(pages.shape, generator=gen) < 0.3, -1, pages)
-    for i in range(4):  # unique per row, as policies produce them
-        for h in range(3):
-            row = pages[i, h]
-            seen = set()
-            for j, p in enumerate(row.tolist()):
-                if p in seen:
-                    row[j] = -1
-                seen.add(p)
-    mask = reference.selection_mask(pages, seq_lens, 3, 20, 16, 200)
-    positions, valid = reference.selection_positions(pages, seq_lens, 3, 20, 16)
-    for i in range(4):
-        for h in range(3):
-            got = positions[i, h][valid[i, h]]
-            assert got.unique().numel() == got.numel(), "a token was attended twice"
-            assert sorted(got.tolist()) == mask[i, h].nonzero().squeeze(1).tolist()
-
-
 def test_page_gather_reads_the_same_set():
     """The torch decode reads whole pages; their valid tokens are exactly the selection."""
     gen = torch.Generator().manual_seed(3)
