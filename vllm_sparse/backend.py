@@ -17,11 +17,12 @@ from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata, MultipleOf)
-from vllm_sparse import reference
+from vllm_sparse import reference, runner_patch
 from vllm_sparse.config import SparseConfig, resolve_from_vllm
 from vllm_sparse.mechanism import make_mechanism, resolve_kernels
 from vllm_sparse.policies.base import DecodeQueries, SparsePolicy
 from vllm_sparse.policies.radar import RadarPolicy
+from vllm_sparse.policies.recycled import RecycledPolicy
 
 logger = logging.getLogger("vllm.vllm_sparse")
 SUPPORTED_HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
@@ -51,6 +52,20 @@ class SparseMetadata:
     prefill_rows: list[int]
     prefill_token_index: torch.Tensor
     prefill_query_start_loc: list[int]
+    request_keys: list = None
+    prompt_lens: list = None
+    live_requests: frozenset | None = None
+
+    def sparse_from(self, row: int, eval_from: int | None) -> int:
+        """First position of `row` that attends as a decode step: the prompt length (a
+        recompute after preemption replays the generated tokens' decode steps), or the
+        evaluation start if smaller; the end of the chunk when the prompt length is unknown."""
+        prompt = self.prompt_lens[row] if self.prompt_lens else None
+        limit = self.seq_lens_cpu[row] if prompt is None else prompt
+        return limit if eval_from is None else min(limit, eval_from)
+
+    def request_key(self, row: int):
+        return self.request_keys[row] if self.request_keys else None
 
 
 class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
@@ -58,6 +73,9 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if vllm_config.use_v2_model_runner:
+            _refuse_v2_runner(vllm_config)
+        runner_patch.install()
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseMetadata:
@@ -71,6 +89,9 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
         for i in prefill:
             prefill_starts.append(prefill_starts[-1] + query_lens[i])
         device = seq_lens.device
+        batch = runner_patch.current_batch()
+        if batch is not None and len(batch.keys) < cm.num_reqs:
+            batch = None
         return SparseMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=starts,
@@ -86,7 +107,30 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
                 [t for i in prefill for t in range(starts[i], starts[i + 1])], dtype=torch.long,
                 device=device),
             prefill_query_start_loc=prefill_starts,
+            request_keys=batch.keys[: cm.num_reqs] if batch else None,
+            prompt_lens=batch.prompt_lens[: cm.num_reqs] if batch else None,
+            live_requests=batch.live if batch else None,
         )
+
+
+STATEFUL_METHODS = ("recycled",)
+
+
+def _refuse_v2_runner(vllm_config) -> None:
+    """Stateful methods need the V1 runner's request identity; others lose only the exact
+    replay of generated tokens after a preemption (logged)."""
+    backend = vllm_config.attention_config.backend
+    method = getattr(backend.get_class(), "method", None) if backend is not None else None
+    config = resolve_from_vllm(vllm_config, method)
+    methods = {config.for_layer(None)[0]} | {config.for_layer(i)[0] for i in config.layers}
+    if methods & set(STATEFUL_METHODS):
+        raise ValueError(
+            f"vllm_sparse: method {config.method} keeps per-request state and needs vLLM's V1 "
+            "model runner (the V2 runner gives attention backends no request identity); "
+            "set VLLM_USE_V2_MODEL_RUNNER=0")
+    logger.warning("vllm_sparse: vLLM's V2 model runner gives no prompt lengths: after a "
+                   "preemption, generated tokens are recomputed with dense attention "
+                   "(VLLM_USE_V2_MODEL_RUNNER=0 replays them exactly)")
 
 
 @dataclass
@@ -97,6 +141,8 @@ class AttendedStats:
     attended_tokens: int = 0
     context_tokens: int = 0
     dense_queries: int = 0
+    full_steps: int = 0
+    """Recycled: (query, KV head) pairs that did a full step."""
 
 
 def _layer_index(layer_name: str) -> int | None:
@@ -134,6 +180,7 @@ class SparseAttentionImpl(AttentionImpl):
         self.budget = None
         self.policy: SparsePolicy | None = None
         self.mechanism = None
+        self.recycled: RecycledPolicy | None = None
         self.stats = AttendedStats()
 
     def _bind_layer(self, layer_name: str, kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
@@ -143,6 +190,8 @@ class SparseAttentionImpl(AttentionImpl):
         if self.layer_method == "radar":
             self.policy = RadarPolicy(self.config.radar, self.head_size, self.scale,
                                       use_kernels=self.mechanism.name == "triton")
+        elif self.layer_method == "recycled":
+            self.recycled = RecycledPolicy(self.config.recycled, self.num_kv_heads)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -159,6 +208,9 @@ class SparseAttentionImpl(AttentionImpl):
             self.policy.observe_write(kv_cache, md.slot_mapping)
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if self.recycled is not None:
+            self._forward_recycled(query, kv_cache, md, out)
+            return output
         if md.prefill_rows:
             self._prefill(query, kv_cache, md, out)
         if md.decode_rows.numel():
@@ -168,7 +220,7 @@ class SparseAttentionImpl(AttentionImpl):
                 q, seq_lens, md.block_table[md.decode_rows], kv_cache)
         return output
 
-    def _prefill(self, query, kv_cache, md: SparseMetadata, out) -> None:
+    def _dense_prefill(self, query, kv_cache, md: SparseMetadata, out) -> None:
         rows = md.prefill_rows
         index = md.prefill_token_index
         prefill_out = torch.empty_like(query[index])
@@ -176,15 +228,19 @@ class SparseAttentionImpl(AttentionImpl):
                                md.prefill_query_start_loc, [md.seq_lens_cpu[r] for r in rows],
                                self.scale, prefill_out)
         out[index] = prefill_out
-        if self.config.eval_sparse_prefill_from is not None and self.policy is not None:
-            for row in rows:
+
+    def _prefill(self, query, kv_cache, md: SparseMetadata, out) -> None:
+        self._dense_prefill(query, kv_cache, md, out)
+        if self.policy is not None:
+            for row in md.prefill_rows:
                 self._prefill_as_decode(row, query, kv_cache, md, out)
 
     def _prefill_as_decode(self, row, query, kv_cache, md: SparseMetadata, out) -> None:
-        """Evaluation mode: prefill queries at positions >= P attend as decode steps."""
+        """Prefill queries at positions >= md.sparse_from(row) attend as decode steps
+        (evaluation mode, and the generated tokens of a recompute after preemption)."""
         start, end = md.query_start_loc[row], md.query_start_loc[row + 1]
         first_pos = md.seq_lens_cpu[row] - (end - start)
-        skip = max(0, self.config.eval_sparse_prefill_from - first_pos)
+        skip = max(0, md.sparse_from(row, self.config.eval_sparse_prefill_from) - first_pos)
         for chunk in range(start + skip, end, EVAL_CHUNK):
             stop = min(chunk + EVAL_CHUNK, end)
             positions = torch.arange(chunk - start + first_pos, stop - start + first_pos,
@@ -192,6 +248,81 @@ class SparseAttentionImpl(AttentionImpl):
             out[chunk:stop] = self._attend_as_decode(
                 query[chunk:stop], positions + 1,
                 md.block_table[row].expand(stop - chunk, -1), kv_cache, gather=False)
+
+    # ------------------------------------------------------------ Recycled Attention
+    def _forward_recycled(self, query, kv_cache, md: SparseMetadata, out) -> None:
+        """Dense prefill (the chunk's decode-step positions replayed by the policy), then
+        decode rows: full steps densely with scores, partial steps over their tokens."""
+        self.recycled.forget(md.live_requests)
+        if md.request_keys is None and not _no_identity_logged:
+            _no_identity_logged.add(True)
+            logger.warning("vllm_sparse: no request identity from the model runner: recycled "
+                           "decode steps run as full (dense) steps (logged once)")
+        if md.prefill_rows:
+            self._dense_prefill(query, kv_cache, md, out)
+            for row in md.prefill_rows:
+                self._recycled_chunk(row, query, kv_cache, md, out)
+        if md.decode_rows.numel():
+            self._recycled_decode(query, kv_cache, md, out)
+
+    def _recycled_chunk(self, row, query, kv_cache, md: SparseMetadata, out) -> None:
+        start, end = md.query_start_loc[row], md.query_start_loc[row + 1]
+        seq_len = md.seq_lens_cpu[row]
+        first = seq_len - (end - start)
+        chunk_query = query[start:end]
+        positions = torch.arange(seq_len, device=query.device)
+        key, value = reference.gather_kv(kv_cache, md.block_table[row][None],
+                                         positions.expand(1, self.num_kv_heads, -1))
+
+        def scores_fn(events: list[int]) -> torch.Tensor:
+            at = torch.tensor(events, device=query.device)
+            valid = (positions <= at[:, None, None]).expand(-1, self.num_kv_heads, -1)
+            return reference.group_max_probs(chunk_query[at - first], key, valid, self.scale)
+
+        _, masks, num_full = self.recycled.emulate(
+            md.request_key(row), first, seq_len,
+            md.sparse_from(row, self.config.eval_sparse_prefill_from), chunk_query,
+            scores_fn, self._budgets)
+        for lo, hi, valid in masks:
+            rows = slice(start + lo - first, start + hi - first)
+            out[rows] = reference.attend(query[rows], key, value, valid, self.scale)[0]
+            self._count(valid, torch.arange(lo + 1, hi + 1, device=query.device), 0)
+        self.stats.full_steps += num_full
+
+    def _recycled_decode(self, query, kv_cache, md: SparseMetadata, out) -> None:
+        rows = md.decode_rows.tolist()
+        tokens = md.decode_token_index
+        q = query[tokens]
+        seq_lens = md.seq_lens[md.decode_rows].long()
+        block_table = md.block_table[md.decode_rows]
+        positions = [md.seq_lens_cpu[r] - 1 for r in rows]
+        keys = [md.request_key(r) for r in rows]
+        budgets = self._budgets(seq_lens)
+        plan = self.recycled.plan_decode(keys, positions, q, budgets)
+        full_rows = torch.nonzero(plan.full.any(-1)).flatten()
+        partial_rows = torch.nonzero(~plan.full.all(-1)).flatten()
+        result = torch.empty_like(q)
+        scores = None
+        stats = self.stats
+        if full_rows.numel():
+            result[full_rows], scores = self.mechanism.decode_with_scores(
+                q[full_rows], kv_cache, block_table[full_rows], seq_lens[full_rows], self.scale)
+        if partial_rows.numel():
+            partial, valid = self.mechanism.decode_tokens(
+                q[partial_rows], kv_cache, block_table[partial_rows], seq_lens[partial_rows],
+                plan.tokens[partial_rows], self.scale)
+            group = self.num_heads // self.num_kv_heads
+            head_full = plan.full[partial_rows].repeat_interleave(group, dim=1)[..., None]
+            result[partial_rows] = torch.where(head_full, result[partial_rows], partial)
+            stats.attended_tokens += int((valid.sum(-1) * ~plan.full[partial_rows]).sum())
+        stats.attended_tokens += int((plan.full * seq_lens[:, None]).sum())
+        stats.queries += plan.full.numel()
+        stats.context_tokens += int(seq_lens.sum()) * self.num_kv_heads
+        stats.full_steps += int(plan.full.sum())
+        stats.dense_queries += int(plan.full.all(-1).sum())
+        out[tokens] = result
+        self.recycled.commit_decode(plan, keys, positions, scores, full_rows.tolist(),
+                                    budgets.cpu())
 
     def _budgets(self, seq_lens: torch.Tensor) -> torch.Tensor:
         if isinstance(self.budget, float):
@@ -248,6 +379,7 @@ class SparseAttentionImpl(AttentionImpl):
 
 
 _dense_logged: set = set()
+_no_identity_logged: set = set()
 
 
 def _with_dense_rows(selection, dense, seq_lens, block_size, num_kv_heads):

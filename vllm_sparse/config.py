@@ -29,7 +29,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
 logger = logging.getLogger("vllm.vllm_sparse")  # inherits vLLM's log handlers
 
 METHODS = ("radar", "recycled", "nats", "sparsek")
-IMPLEMENTED_METHODS = ("radar",)
+IMPLEMENTED_METHODS = ("radar", "recycled")
 Method = Literal["radar", "recycled", "nats", "sparsek"]
 LayerMethod = Literal["radar", "recycled", "nats", "sparsek", "dense"]
 Budget = Union[StrictInt, StrictFloat]
@@ -83,6 +83,49 @@ class RadarConfig(_Strict):
     center_keys: bool = True
 
 
+class RecycledConfig(_Strict):
+    """Recycled Attention / RefreshKV (Xu, Goyal, Choi; arXiv 2411.05787, ACL 2025).
+
+    Prefill is dense; the last prompt token's attention, max-pooled over positions and
+    maximised over the query heads of each KV head, ranks the context, and its top K
+    (K = the budget) are recycled. A partial step attends to the best K - g recycled
+    tokens plus the g tokens generated since the last full step (the paper's partial
+    cache: each new token pushes out the lowest-ranked recycled one). A full step
+    attends to everything and refreshes the ranking.
+
+    Parameters
+    ----------
+    schedule : "dynamic" | "fixed", default "dynamic"
+        fixed: a full step every `stride` decode steps. dynamic (the paper's default):
+        every `check_every` steps, a KV head whose mean query (over its query heads) has
+        cosine similarity below `similarity_threshold` with the one of its last full
+        step does a full step. Decisions are per layer and KV head (the paper decides
+        per layer from all query heads), so each tensor-parallel rank decides alone.
+    stride : int, default 16
+        S of the fixed schedule; 1 is dense attention.
+    check_every : int, default 5
+        QC of the dynamic schedule (the paper uses 5 or 10).
+    similarity_threshold : float, default 0.85
+        s of the dynamic schedule (paper: 0.85 for Llama-3.1-8B, 0.95 for Qwen2-7B).
+    pool_width : int, default 7
+        Width of the max-pool over positions applied to the attention before ranking
+        (odd; 1 disables it).
+    """
+
+    schedule: Literal["dynamic", "fixed"] = "dynamic"
+    stride: PositiveInt = 16
+    check_every: PositiveInt = 5
+    similarity_threshold: float = Field(default=0.85, ge=-1.0, le=1.0)
+    pool_width: PositiveInt = 7
+
+    @field_validator("pool_width")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"pool_width={value}: must be odd (1, 3, 5, 7, ...)")
+        return value
+
+
 class LayerOverride(_Strict):
     """Per-layer changes, e.g. `{"0": {"method": "dense"}}`."""
 
@@ -111,6 +154,7 @@ class SparseConfig(_Strict):
     method: Method = "radar"
     budget: Budget = 2048
     radar: RadarConfig = RadarConfig()
+    recycled: RecycledConfig = RecycledConfig()
     layers: dict[int, LayerOverride] = Field(default_factory=dict)
     eval_sparse_prefill_from: NonNegativeInt | None = None
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -154,13 +198,20 @@ def _validate(model: type[BaseModel], data: dict, source: str):
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
+            loc = err["loc"]
+            if len(loc) >= 2 and loc[-2] == "budget" and loc[-1] in ("int", "float"):
+                loc = loc[:-1]      # a non-numeric budget fails both branches of the union
+                err = dict(err, loc=loc, type="budget_type",
+                           msg="must be an integer token count >= 1 or a fraction of the "
+                               "context in (0, 1]")
+            key = ".".join(str(p) for p in loc)
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(model, err['loc']))}"
             elif err["loc"] and err["loc"][-1] in ("method", "budget") and "input" in err:
                 msg = f"{msg} (got {err['input']!r})"
-            lines.append(f"  {key}: {msg}")
+            if f"  {key}: {msg}" not in lines:
+                lines.append(f"  {key}: {msg}")
         raise ValueError(f"vllm_sparse: invalid configuration in {source}:\n" + "\n".join(lines)) from None
 
 

@@ -54,6 +54,24 @@ class TorchMechanism:
         key, value = reference.gather_pages(kv_cache, block_table, page_ids)
         return reference.attend(query, key, value, valid, scale)[0], valid
 
+    def decode_tokens(self, query, kv_cache, block_table, seq_lens, tokens, scale):
+        """Token-mode decode: attend tokens [N, Hkv, W] (-1 padded); (out, valid [N, Hkv, W])."""
+        valid = reference.token_validity(tokens, seq_lens)
+        key, value = reference.gather_kv(kv_cache, block_table, tokens.clamp(min=0))
+        return reference.attend(query, key, value, valid, scale)[0], valid
+
+    def decode_with_scores(self, query, kv_cache, block_table, seq_lens, scale):
+        """Dense decode plus group-max attention weights: (out, scores [N, Hkv, L])."""
+        block_size = kv_cache.shape[2]
+        num_pages = -(-int(seq_lens.max()) // block_size)
+        pages = torch.arange(num_pages, device=query.device).expand(
+            query.shape[0], kv_cache.shape[1], -1)
+        key, value = reference.gather_pages(kv_cache, block_table, pages)
+        positions = torch.arange(num_pages * block_size, device=query.device)
+        valid = (positions < seq_lens.long()[:, None, None]).expand(-1, kv_cache.shape[1], -1)
+        out = reference.attend(query, key, value, valid, scale)[0]
+        return out, reference.group_max_probs(query, key, valid, scale)
+
 
 class TritonMechanism:
     """Triton kernels from `kernels/` (installed as `vllm_sparse.kernels`)."""
@@ -61,8 +79,9 @@ class TritonMechanism:
     name = "triton"
 
     def __init__(self):
-        from vllm_sparse.kernels import kv_write, paged_prefill, sparse_decode
+        from vllm_sparse.kernels import kv_write, paged_prefill, score_capture, sparse_decode
 
+        self._scores = score_capture.decode_with_scores
         self._write = kv_write.write_kv
         self._prefill = paged_prefill.paged_prefill
         self._decode = sparse_decode.sparse_paged_decode
@@ -82,6 +101,15 @@ class TritonMechanism:
                            pages.to(torch.int32), "page", sinks, window, scale)
         _, valid = reference.selection_pages(pages, seq_lens, sinks, window, kv_cache.shape[2])
         return out, valid
+
+    def decode_tokens(self, query, kv_cache, block_table, seq_lens, tokens, scale):
+        out = self._decode(query, kv_cache, block_table.to(torch.int32), seq_lens.to(torch.int32),
+                           tokens.to(torch.int32), "token", 0, 0, scale)
+        return out, reference.token_validity(tokens, seq_lens)
+
+    def decode_with_scores(self, query, kv_cache, block_table, seq_lens, scale):
+        return self._scores(query, kv_cache, block_table.to(torch.int32),
+                            seq_lens.to(torch.int32), scale)
 
 
 def make_mechanism(name: str):

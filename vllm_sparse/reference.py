@@ -63,6 +63,27 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out.reshape(num_rows, num_heads, head_size).to(query.dtype), lse.reshape(num_rows, num_heads)
 
 
+def group_max_probs(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Attention weights [N, Hkv, L] fp32 of query [N, Hq, D] over key [N or 1, Hkv, L, D]
+    where valid [N, Hkv, L], maximised over the query heads of each KV head (0 where not
+    valid): what Recycled Attention ranks tokens by."""
+    num_rows, num_heads, head_size = query.shape
+    num_kv_heads = key.shape[1]
+    q = query.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_size).float()
+    kv_rows = "" if key.shape[0] == 1 and num_rows > 1 else "n"
+    if not kv_rows:
+        key = key[0]
+    scores = torch.einsum(f"nhgd,{kv_rows}hld->nhgl", q, key.float()) * scale
+    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0).amax(dim=2)
+
+
+def token_validity(tokens: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Token-mode selection tokens [N, Hkv, W] (-1 padded) -> valid [N, Hkv, W]."""
+    return (tokens >= 0) & (tokens < seq_lens.long()[:, None, None])
+
+
 def _per_row(value, seq_lens: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, device=seq_lens.device).long().expand(seq_lens.shape[0])
 

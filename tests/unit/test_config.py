@@ -63,10 +63,32 @@ def test_backend_and_config_method_must_agree():
 
 
 def test_unimplemented_method_fails_loudly():
-    with pytest.raises(NotImplementedError, match="recycled is not implemented yet"):
-        cfg.resolve(["m"], UNKNOWN_FP, None, "recycled")
+    with pytest.raises(NotImplementedError, match="nats is not implemented yet"):
+        cfg.resolve(["m"], UNKNOWN_FP, None, "nats")
     with pytest.raises(NotImplementedError, match="sparsek is not implemented yet"):
         cfg.resolve(["m"], UNKNOWN_FP, {"method": "sparsek"}, None)
+
+
+def test_recycled_defaults_and_overrides():
+    config, description = cfg.resolve(["m"], UNKNOWN_FP, {"recycled": {"stride": 8}}, "recycled")
+    assert config.method == "recycled"
+    assert (config.recycled.schedule, config.recycled.check_every,
+            config.recycled.similarity_threshold, config.recycled.pool_width) == \
+        ("dynamic", 5, 0.85, 7)
+    assert config.recycled.stride == 8
+    assert "recycled.stride=8 (--additional-config)" in description
+
+
+@pytest.mark.parametrize("recycled, message", [
+    ({"schedule": "sometimes"}, r"recycled\.schedule: Input should be 'dynamic' or 'fixed'"),
+    ({"stride": 0}, r"recycled\.stride: Input should be greater than 0"),
+    ({"pool_width": 4}, r"recycled\.pool_width: .*pool_width=4: must be odd"),
+    ({"similarity_threshold": 1.5}, r"recycled\.similarity_threshold: .*less than or equal to 1"),
+    ({"window": 3}, r"recycled\.window: unknown key; allowed keys: check_every, pool_width"),
+])
+def test_bad_recycled_hyperparameters_are_named(recycled, message):
+    with pytest.raises(ValueError, match=message):
+        cfg.resolve(["m"], UNKNOWN_FP, {"recycled": recycled}, "recycled")
 
 
 @pytest.mark.parametrize("names", [["HuggingFaceTB/SmolLM2-135M-Instruct"],

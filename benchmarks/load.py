@@ -1,0 +1,451 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A bounded load test of the real `vllm serve`, dense next to Radar.
+
+    python benchmarks/load.py [--small] [--model smollm2|tiny|PATH] [--requests 200]
+                              [--concurrency 16] [--backends dense,radar]
+                              [--additional-config JSON] [--max-model-len N]
+
+For each backend in turn (dense: no --attention-backend, vLLM's own; radar:
+`--attention-backend radar`) it starts `vllm serve` on loopback, sends one warm-up request,
+then the same seeded request set from a closed loop of `--concurrency` clients
+(openai.AsyncOpenAI, streaming completions, token-id prompts cut from CPython's pydoc text,
+lengths uniform between --min-prompt and the context left after the output, `ignore_eos`
+so every request produces exactly its drawn number of tokens), stops the server and goes on.
+
+It prints p50/p90/p99 of end-to-end latency and of time to first token (TTFT, the first
+streamed token), requests/s and output tokens/s, side by side with Radar/dense ratios, and
+writes benchmarks/results/load[_small].json (machine, versions, date, every setting, each
+server's `vllm_sparse config:` line and preemption count). Any failed request, short
+output or server error makes it exit non-zero.
+
+Default: SmolLM2-135M-Instruct at its full 8K context, 200 requests, 16 concurrent, 32 to
+256 output tokens, Radar at the per-model file's budget (configs/). That is a GPU-sized run;
+on a 2-core CPU it takes hours. `--small` (CI): the tiny random Llama, 2K context, 24
+requests, 4 concurrent, 128 to 512 prompt tokens, 16 to 32 output tokens, Radar at budget
+64 with a 32-token window (so sparse decoding runs), both servers started together to halve
+the start-up time (an idle server uses about 2% of one core, measured on the CPU).
+
+On CPU both servers run with --enforce-eager (torch.compile there costs minutes per start;
+the tests run eager too), the KV block size is 32 for both backends (Radar's pinned size,
+passed to dense too) and, unless VLLM_CPU_KVCACHE_SPACE is set, the KV cache is sized to
+hold every concurrent request at the full context, so neither backend is measured through
+preemptions (a preempted Radar request is recomputed densely; see tests/e2e).
+"""
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+VLLM = str(Path(sys.executable).parent / "vllm")
+SMALL_SPARSE = {"budget": 64, "radar": {"local_window": 32}}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="the CI-sized run (see above)")
+    parser.add_argument("--model", default=None, help="smollm2 | tiny | a model directory")
+    parser.add_argument("--backends", default="dense,radar")
+    parser.add_argument("--requests", type=int, default=None)
+    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the model's context (2048 with --small)")
+    parser.add_argument("--min-prompt", type=int, default=None)
+    parser.add_argument("--max-prompt", type=int, default=None,
+                        help="default: the context left after the longest output")
+    parser.add_argument("--min-tokens", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--additional-config", default=None,
+                        help="JSON for `vllm_sparse` given to radar (default: the per-model "
+                             "file; with --small " + json.dumps(SMALL_SPARSE) + ")")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: on CPU (torch.compile there costs minutes per start)")
+    parser.add_argument("--parallel-start", action=argparse.BooleanOptionalAction, default=None,
+                        help="start every server at once (default: with --small only)")
+    parser.add_argument("--serve-arg", action="append", default=[],
+                        help="extra argument for `vllm serve` (repeatable; use --serve-arg=...)")
+    parser.add_argument("--output", default=None,
+                        help="default: benchmarks/results/load[_small].json")
+    args = parser.parse_args()
+    small = args.small
+    defaults = dict(model="tiny" if small else "smollm2", requests=24 if small else 200,
+                    concurrency=4 if small else 16, min_prompt=128 if small else 64,
+                    max_prompt=512 if small else None, min_tokens=16 if small else 32,
+                    max_tokens=32 if small else 256, max_model_len=2048 if small else None,
+                    parallel_start=small)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.additional_config is None and small:
+        args.additional_config = json.dumps(SMALL_SPARSE)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    return args
+
+
+# ---------------------------------------------------------------- model and requests
+def model_dir(name: str) -> str:
+    from vllm_sparse.models import smollm2_dir, tiny_llama_dir
+
+    return str({"smollm2": smollm2_dir, "tiny": tiny_llama_dir}.get(name, lambda: Path(name))())
+
+
+def model_context(path: str) -> int:
+    config = json.loads((Path(path) / "config.json").read_text())
+    return int(config.get("max_position_embeddings", 2048))
+
+
+def kv_bytes_per_token(path: str, dtype_bytes: int) -> int:
+    config = json.loads((Path(path) / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads", heads)
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def build_requests(path: str, args) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output tokens) for every request: seeded, the same for every backend."""
+    from transformers import AutoTokenizer
+
+    from vllm_sparse.models import long_text
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text_ids = tokenizer(long_text(), add_special_tokens=False, verbose=False)["input_ids"]
+    rng = random.Random(args.seed)
+    requests = []
+    for _ in range(args.requests):
+        length = rng.randint(args.min_prompt, args.max_prompt)
+        start = rng.randrange(0, len(text_ids) - length)  # distinct windows: few prefix hits
+        requests.append((text_ids[start:start + length],
+                         rng.randint(args.min_tokens, args.max_tokens)))
+    return requests
+
+
+# ---------------------------------------------------------------- servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, backend: str, model: str, args, log_dir: Path, env: dict):
+        self.backend, self.port = backend, free_port()
+        self.log_path = log_dir / f"{backend}.log"
+        cmd = [VLLM, "serve", model, "--served-model-name", "model", "--host", "127.0.0.1",
+               "--port", str(self.port), "--max-model-len", str(args.max_model_len),
+               "--dtype", args.dtype, "--seed", str(args.seed), *args.serve_arg]
+        if args.enforce_eager:
+            cmd.append("--enforce-eager")
+        if args.on_cpu and not any(a.startswith("--block-size") for a in args.serve_arg):
+            cmd += ["--block-size", "32"]
+        if backend != "dense":
+            cmd += ["--attention-backend", backend]
+            if args.additional_config:
+                cmd += ["--additional-config",
+                        json.dumps({"vllm_sparse": json.loads(args.additional_config)})]
+        self.cmd = cmd
+        self.log = open(self.log_path, "w")
+        # its own process group: stop() reaches the engine core and workers too
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.started = time.perf_counter()
+        self.startup_s = None
+
+    def wait_ready(self, timeout: float = 900) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.backend} server exited with {self.proc.returncode}; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        self.startup_s = time.perf_counter() - self.started
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"{self.backend} server not ready in {timeout} s; log {self.log_path}")
+
+    def metric(self, name: str) -> float | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        values = [float(m.group(1)) for m in
+                  re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)]
+        return sum(values) if values else None
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_text()[-n:]
+
+    def stop(self) -> int:
+        """SIGTERM to the server (it shuts its engine down), then SIGKILL to its group."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftovers of the group, if any
+        except ProcessLookupError:
+            pass
+        code = self.proc.wait()
+        self.log.close()
+        return code
+
+
+# ---------------------------------------------------------------- load
+async def one_request(client, prompt: list[int], max_tokens: int) -> dict:
+    start = time.perf_counter()
+    ttft, tokens, usage = None, 0, None
+    stream = await client.completions.create(
+        model="model", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "return_token_ids": True})
+    async for chunk in stream:
+        for choice in chunk.choices:
+            new = len(choice.model_extra.get("token_ids") or [])
+            if new and ttft is None:
+                ttft = time.perf_counter() - start
+            tokens += new
+        if chunk.usage is not None:
+            usage = chunk.usage
+    latency = time.perf_counter() - start
+    completion_tokens = usage.completion_tokens if usage else tokens
+    return {"prompt_tokens": len(prompt), "max_tokens": max_tokens, "ttft_s": ttft,
+            "latency_s": latency, "output_tokens": completion_tokens, "streamed_tokens": tokens}
+
+
+async def run_load(url: str, requests: list, concurrency: int) -> tuple[list[dict], float]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+    await one_request(client, requests[0][0][:64], 4)  # warm-up, not counted
+    queue: asyncio.Queue = asyncio.Queue()
+    for index, request in enumerate(requests):
+        queue.put_nowait((index, request))
+    results: list[dict | None] = [None] * len(requests)
+
+    async def worker():
+        while not queue.empty():
+            index, (prompt, max_tokens) = queue.get_nowait()
+            try:
+                results[index] = await one_request(client, prompt, max_tokens)
+            except Exception as exc:  # recorded, reported, and fails the run
+                results[index] = {"prompt_tokens": len(prompt), "max_tokens": max_tokens,
+                                  "error": f"{type(exc).__name__}: {exc}"}
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    await client.close()
+    return results, wall
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    values = sorted(values)
+    if not values:
+        return math.nan
+    pos = (len(values) - 1) * q / 100
+    low, high = math.floor(pos), math.ceil(pos)
+    return values[low] + (values[high] - values[low]) * (pos - low)
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if "error" not in r]
+    out_tokens = sum(r["output_tokens"] for r in ok)
+    summary = {"requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,
+               "requests_per_s": len(ok) / wall, "output_tokens_per_s": out_tokens / wall,
+               "output_tokens": out_tokens,
+               "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
+               "short_outputs": sum(r["output_tokens"] != r["max_tokens"] for r in ok)}
+    for key in ("latency_s", "ttft_s"):
+        values = [r[key] for r in ok if r[key] is not None]
+        for q in (50, 90, 99):
+            summary[f"{key[:-2]}_p{q}_s"] = percentile(values, q)
+    return summary
+
+
+# ---------------------------------------------------------------- report
+ROWS = [("latency p50 (s)", "latency_p50_s", False), ("latency p90 (s)", "latency_p90_s", False),
+        ("latency p99 (s)", "latency_p99_s", False), ("TTFT p50 (s)", "ttft_p50_s", False),
+        ("TTFT p90 (s)", "ttft_p90_s", False), ("TTFT p99 (s)", "ttft_p99_s", False),
+        ("requests/s", "requests_per_s", True), ("output tokens/s", "output_tokens_per_s", True),
+        ("wall (s)", "wall_s", False), ("errors", "errors", False),
+        ("preemptions", "preemptions", False), ("server start (s)", "startup_s", False)]
+
+
+def table(runs: dict) -> str:
+    names = list(runs)
+    base = runs.get("dense")
+    head = f"{'':<18}" + "".join(f"{n:>12}" for n in names)
+    others = [n for n in names if n != "dense"] if base else []
+    head += "".join(f"{n + '/dense':>14}" for n in others)
+    lines = [head]
+    for label, key, _higher_better in ROWS:
+        row = f"{label:<18}"
+        for n in names:
+            v = runs[n].get(key)
+            if v is None:
+                row += f"{'-':>12}"
+            else:
+                row += f"{v:>12.3f}" if isinstance(v, float) else f"{v:>12}"
+        for n in others:
+            a, b = runs[n].get(key), base.get(key)
+            ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+            ok = ok and key not in ("errors", "preemptions", "startup_s")
+            row += f"{a / b:>14.3f}" if ok else f"{'-':>14}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def git_revision() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "") if rev else None
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- main
+def main() -> int:
+    args = parse_args()
+    t_start = time.perf_counter()
+    import torch
+    import vllm
+
+    args.on_cpu = not torch.cuda.is_available()
+    if args.dtype is None:
+        args.dtype = "float32" if args.on_cpu else "auto"
+    if args.enforce_eager is None:
+        args.enforce_eager = args.on_cpu
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up the servers
+    model = model_dir(args.model)
+    if args.max_model_len is None:
+        args.max_model_len = model_context(model)
+    if args.max_prompt is None:
+        args.max_prompt = args.max_model_len - args.max_tokens
+    if not args.min_prompt <= args.max_prompt <= args.max_model_len - args.max_tokens:
+        raise SystemExit(f"prompt lengths [{args.min_prompt}, {args.max_prompt}] plus up to "
+                         f"{args.max_tokens} output tokens do not fit in {args.max_model_len}")
+    env = dict(os.environ)
+    if args.on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in env:
+        dtype_bytes = 4 if args.dtype == "float32" else 2
+        need = kv_bytes_per_token(model, dtype_bytes) * args.max_model_len * args.concurrency
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(1.25 * need / 2**30)))
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's default engine
+    requests = build_requests(model, args)
+    log_dir = Path(tempfile.mkdtemp(prefix="vllm_sparse_load_"))
+    print(f"model {model}, {args.requests} requests, {args.concurrency} concurrent, prompts "
+          f"{args.min_prompt}-{args.max_prompt} tokens, outputs {args.min_tokens}-"
+          f"{args.max_tokens} tokens, max-model-len {args.max_model_len}, dtype {args.dtype}, "
+          f"KV cache {env.get('VLLM_CPU_KVCACHE_SPACE', 'default')} GiB; logs in {log_dir}",
+          flush=True)
+
+    runs, servers, failed = {}, {}, []
+    try:
+        if args.parallel_start:
+            servers = {b: Server(b, model, args, log_dir, env) for b in args.backends}
+        for backend in args.backends:
+            server = servers.get(backend) or Server(backend, model, args, log_dir, env)
+            servers[backend] = server
+            server.wait_ready()
+            print(f"{backend}: server ready in {server.startup_s:.1f} s; running the load",
+                  flush=True)
+            results, wall = asyncio.run(run_load(f"http://127.0.0.1:{server.port}/v1",
+                                                 requests, args.concurrency))
+            summary = summarize(results, wall)
+            summary["startup_s"] = server.startup_s
+            preemptions = server.metric("vllm:num_preemptions_total")
+            summary["preemptions"] = None if preemptions is None else int(preemptions)
+            log = server.log_text()
+            config = re.search(r"vllm_sparse config: (.*)", log)
+            summary["vllm_sparse_config"] = config.group(1) if config else None
+            summary["server_command"] = " ".join(server.cmd[1:])
+            errors = [r["error"] for r in results if "error" in r]
+            bad_log = [l for l in log.splitlines() if "Traceback" in l or " ERROR " in l]
+            if server.stop() not in (0, -15):
+                bad_log.append(f"server exit status {server.proc.returncode}")
+            summary["server_log_errors"] = bad_log[:20]
+            if errors or summary["short_outputs"] or bad_log:
+                failed.append(f"{backend}: {len(errors)} failed requests {errors[:3]}, "
+                              f"{summary['short_outputs']} short outputs, server log: "
+                              f"{bad_log[:3]}")
+            summary["per_request"] = results
+            runs[backend] = summary
+            print(f"{backend}: {summary['requests']} requests in {wall:.1f} s, "
+                  f"{summary['errors']} errors", flush=True)
+    finally:
+        for server in servers.values():
+            if server.proc.poll() is None:
+                server.stop()
+
+    print()
+    print(table(runs))
+    record = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores",
+        "device": "cpu" if args.on_cpu else torch.cuda.get_device_name(),
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
+                     "python": platform.python_version(), "vllm_sparse": git_revision()},
+        "model": model, "settings": {k: v for k, v in vars(args).items() if k != "serve_arg"}
+        | {"serve_arg": args.serve_arg,
+           "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE")},
+        "runs": runs,
+        "ratios_vs_dense": {n: {key: runs[n][key] / runs["dense"][key]
+                                for _, key, _ in ROWS[:8] if runs["dense"].get(key)}
+                            for n in runs if n != "dense" and "dense" in runs},
+        "total_s": time.perf_counter() - t_start,
+        "ok": not failed,
+    }
+    output = Path(args.output) if args.output else \
+        RESULTS / ("load_small.json" if args.small else "load.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {output} ({record['total_s']:.0f} s in all)")
+    if failed:
+        print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: Apache-2.0
+"""End-to-end decode speed of every method next to dense, in one run, on the real engine.
+
+    python benchmarks/speed.py [--contexts 2048,4096,8000] [--batches 1,8] [--tokens 32]
+                               [--methods radar,recycled,streaming] [--budget 0.25] [--small]
+
+Dense is vLLM's own backend (CPU_ATTN on CPU, FLASH_ATTN on CUDA). Each sparse method
+gets the same token budget, `--budget` times the context. For each (context, batch):
+time to first token (one prefill of the whole batch, generating 1 token) and decode
+tokens/s (a `--tokens` generation minus its prefill), and the ratio to dense measured in
+the same run. SmolLM2-135M, float32 on CPU (bf16 GEMMs are slow on CPUs without AMX).
+Results: benchmarks/results/speed[_small].json (rows of another device are kept).
+"""
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from tqdm import tqdm  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sparse_config(method: str, budget: int) -> tuple[str, dict]:
+    """(backend, vllm_sparse config) of a method at a token budget."""
+    if method == "streaming":   # StreamingLLM: 4 sinks + recent window, no selected pages
+        return "radar", {"budget": budget, "radar": {"num_sink_tokens": 4,
+                                                     "local_window": budget - 4}}
+    return method, {"budget": budget}
+
+
+def prompts(model: str, context: int, batch: int):
+    from transformers import AutoTokenizer
+    from vllm import TokensPrompt
+
+    from vllm_sparse.models import long_text
+
+    ids = AutoTokenizer.from_pretrained(model)(long_text())["input_ids"]
+    stride = (len(ids) - context) // max(1, batch)
+    return [TokensPrompt(prompt_token_ids=ids[i * stride: i * stride + context])
+            for i in range(batch)]
+
+
+def measure(llm, batch, tokens: int) -> dict:
+    from vllm import SamplingParams
+
+    one = SamplingParams(temperature=0, max_tokens=1)
+    many = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    llm.generate(batch[:1], one, use_tqdm=False)            # warm-up
+    start = time.perf_counter()
+    llm.generate(batch, one, use_tqdm=False)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    llm.generate(batch, many, use_tqdm=False)
+    decode = time.perf_counter() - start - ttft
+    return {"ttft_s": ttft, "decode_tok_s": len(batch) * (tokens - 1) / decode}
+
+
+def engine(model: str, backend: str | None, sparse: dict | None, max_len: int):
+    from vllm import LLM
+
+    kwargs = {"attention_backend": backend, "additional_config": {"vllm_sparse": sparse}} \
+        if backend else {}
+    return LLM(model=model, dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0,
+               max_num_seqs=16, **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--contexts", default="2048,4096,8000")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--methods", default="radar,recycled,streaming")
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--small", action="store_true", help="CI: 1K context, batch 2, 8 tokens")
+    args = parser.parse_args()
+    if args.small:
+        args.contexts, args.batches, args.tokens = "1024", "2", 8
+    import torch
+    import vllm
+
+    from vllm_sparse.models import smollm2_dir
+
+    model = args.model or str(smollm2_dir())
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    methods = ["dense"] + [m for m in args.methods.split(",") if m]
+    max_len = max(contexts) + args.tokens + 8
+    inputs = {(c, b): prompts(model, c, b) for c in contexts for b in batches}
+    rows = []
+    bar = tqdm(total=len(methods) * len(contexts) * len(batches), desc="speed")
+    for method in methods:
+        llm = engine(model, None, None, max_len) if method == "dense" else None
+        for context in contexts:
+            budget = int(args.budget * context)
+            if method != "dense":      # the budget is in the engine's config
+                llm = engine(model, *sparse_config(method, budget), max_len)
+            for batch in batches:
+                bar.set_postfix(method=method, context=context, batch=batch)
+                rows.append({"method": method, "context": context, "batch": batch,
+                             "budget": None if method == "dense" else budget,
+                             **measure(llm, inputs[(context, batch)], args.tokens)})
+                bar.update()
+            if method != "dense":
+                del llm
+                gc.collect()
+        llm = None
+        gc.collect()
+    bar.close()
+    dense = {(r["context"], r["batch"]): r for r in rows if r["method"] == "dense"}
+    print(f"\n{'method':<11}{'context':>8}{'batch':>6}{'budget':>8}{'TTFT s':>9}"
+          f"{'decode tok/s':>14}{'vs dense':>10}")
+    for r in rows:
+        ref = dense[(r["context"], r["batch"])]
+        r["decode_vs_dense"] = r["decode_tok_s"] / ref["decode_tok_s"]
+        print(f"{r['method']:<11}{r['context']:>8}{r['batch']:>6}{str(r['budget'] or '-'):>8}"
+              f"{r['ttft_s']:>9.2f}{r['decode_tok_s']:>14.1f}{r['decode_vs_dense']:>9.2f}x")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    record = {"date": time.strftime("%Y-%m-%d"), "device": device, "machine": os.uname().machine,
+              "cores": os.cpu_count(), "vllm": vllm.__version__, "torch": torch.__version__,
+              "model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": args.tokens,
+              "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"speed{'_small' if args.small else ''}.json"
+    kept = []
+    if path.exists():
+        kept = [r for r in json.loads(path.read_text()).get("runs", []) if r["device"] != device]
+    path.write_text(json.dumps({"runs": kept + [record]}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
