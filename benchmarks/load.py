@@ -15,7 +15,8 @@ so every request produces exactly its drawn number of tokens), stops the server 
 It prints p50/p90/p99 of end-to-end latency and of time to first token (TTFT, the first
 streamed token), requests/s and output tokens/s, side by side with Radar/dense ratios, and
 writes benchmarks/results/load[_small].json (machine, versions, date, every setting, each
-server's `vllm_sparse config:` line and preemption count). Any failed request, short
+server's `vllm_sparse config:` line and preemption count; a list of runs, one per device, so
+another device's run is kept). Any failed request, short
 output or server error makes it exit non-zero.
 
 Default: SmolLM2-135M-Instruct at its full 8K context, 200 requests, 16 concurrent, 32 to
@@ -54,6 +55,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import command_line, save_run  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 VLLM = str(Path(sys.executable).parent / "vllm")
 SMALL_SPARSE = {"budget": 64, "radar": {"local_window": 32}}
@@ -426,6 +430,7 @@ def main() -> int:
         "device": "cpu" if args.on_cpu else torch.cuda.get_device_name(),
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
                      "python": platform.python_version(), "vllm_sparse": git_revision()},
+        "mode": "small" if args.small else "full", "command": command_line(),
         "model": model, "settings": {k: v for k, v in vars(args).items() if k != "serve_arg"}
         | {"serve_arg": args.serve_arg,
            "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE")},
@@ -438,8 +443,7 @@ def main() -> int:
     }
     output = Path(args.output) if args.output else \
         RESULTS / ("load_small.json" if args.small else "load.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=2) + "\n")
+    save_run(output, record)  # keeps other devices' runs
     print(f"\nwrote {output} ({record['total_s']:.0f} s in all)")
     if failed:
         print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)

@@ -48,7 +48,6 @@ date, settings and rows; runs from another device already in the file are kept.
 import argparse
 import datetime
 import gc
-import json
 import math
 import os
 import platform
@@ -67,6 +66,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(min(os.cpu_count() or 1, 16)))
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # benchmarks/tasks.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # vllm_sparse
 
+from results_io import command_line, save_run  # noqa: E402
 from tasks import TASKS, TaskGenerator, score  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -199,14 +199,6 @@ def machine_info(dtype) -> dict:
     }
 
 
-def save(path: Path, run: dict) -> None:
-    """Append `run`, replacing earlier runs from the same device, keeping other devices'."""
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs = [r for r in runs if r.get("device") != run["device"]] + [run]
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(runs, indent=2) + "\n")
-
-
 def print_table(rows) -> None:
     print(f"\n{'kind':<11}{'task':<19}{'context':>8}  {'method':<10}{'budget':>12}"
           f"{'score':>9}{'vs dense':>10}{'seconds':>9}")
@@ -318,11 +310,12 @@ def main() -> None:
     for note in notes:
         print(note)
     run = {**machine_info(dtype), "mode": "small" if args.small else "full",
+           "command": command_line(),
            "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "dense_backend": dense_backend,
            "budget_note": "integer token budgets int(f * context), equal for every method",
            "dense_filter": filter_rows, "notes": notes, "rows": rows}
-    save(args.out, run)
+    save_run(args.out, run)  # keeps other devices' runs
     print(f"\nwritten: {args.out}")
 
 

@@ -9,12 +9,12 @@ position >= P attends exactly as a decode step at that position would
 (tests/e2e/test_radar_smollm2.py checks this against real decoding), so every scored
 log-prob measures the sparse policy. Both score the positions >= P of the same token
 windows (the budget fraction applies to each position's own context). Results go to
-benchmarks/results/radar_perplexity[_small].json.
+benchmarks/results/radar_perplexity[_small].json (a list of runs, one per device; another
+device's run is kept).
 """
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -26,6 +26,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+from results_io import command_line, save_run  # noqa: E402
 
 
 def windows(model: str, context: int, count: int) -> list[list[int]]:
@@ -103,13 +105,13 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {_cpu_model()}, {os.cpu_count()} cores",
         "device": "cpu", "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
-        "model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics",
+        "model": "SmolLM2-135M-Instruct", "text": "pydoc_data.topics", "command": command_line(),
         "context": args.context, "windows": args.windows, "budget": args.budget,
         "score_from": score_from,
         "dense": dense, "radar": radar, "radar_over_dense": ratio,
     }
     name = "radar_perplexity_small.json" if args.small else "radar_perplexity.json"
-    (RESULTS / name).write_text(json.dumps(record, indent=2) + "\n")
+    save_run(RESULTS / name, record)  # keeps other devices' runs
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """End-to-end decode speed of every method next to dense, in one run, on the real engine.
 
-    python benchmarks/speed.py [--contexts 2048,4096,8000] [--batches 1,8] [--tokens 32]
+    python benchmarks/speed.py [--contexts 2048,4096,7680] [--batches 1,8] [--tokens 32]
                                [--methods radar,recycled,streaming] [--budget 0.25] [--small]
 
 Dense is vLLM's own backend (CPU_ATTN on CPU, FLASH_ATTN on CUDA). Each sparse method
@@ -14,8 +14,8 @@ Results: benchmarks/results/speed[_small].json (rows of another device are kept)
 
 import argparse
 import gc
-import json
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -23,9 +23,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+from results_io import command_line, save_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def sparse_config(method: str, budget: int) -> tuple[str, dict]:
@@ -75,7 +84,7 @@ def engine(model: str, backend: str | None, sparse: dict | None, max_len: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--contexts", default="2048,4096,8000")
+    parser.add_argument("--contexts", default="2048,4096,7680")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--methods", default="radar,recycled,streaming")
     parser.add_argument("--budget", type=float, default=0.25)
@@ -124,16 +133,17 @@ def main() -> None:
         print(f"{r['method']:<11}{r['context']:>8}{r['batch']:>6}{str(r['budget'] or '-'):>8}"
               f"{r['ttft_s']:>9.2f}{r['decode_tok_s']:>14.1f}{r['decode_vs_dense']:>9.2f}x")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    record = {"date": time.strftime("%Y-%m-%d"), "device": device, "machine": os.uname().machine,
+    record = {"date": time.strftime("%Y-%m-%d"), "device": device,
+              "machine": f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores",
               "cores": os.cpu_count(), "vllm": vllm.__version__, "torch": torch.__version__,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "vllm": vllm.__version__},
+              "mode": "small" if args.small else "full", "command": command_line(),
+              "settings": vars(args),
               "model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": args.tokens,
               "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"speed{'_small' if args.small else ''}.json"
-    kept = []
-    if path.exists():
-        kept = [r for r in json.loads(path.read_text()).get("runs", []) if r["device"] != device]
-    path.write_text(json.dumps({"runs": kept + [record]}, indent=1))
+    save_run(path, record)  # keeps other devices' runs
     print(f"wrote {path}")
 
 

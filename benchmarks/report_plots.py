@@ -1,0 +1,108 @@
+# SPDX-License-Identifier: Apache-2.0
+"""PNG plots of one run (matplotlib, Agg): quality against budget, decode speed against context.
+
+Each function writes its figure into `out_dir` and returns the file's name, or None when the
+run has nothing to plot. One panel per context (quality) or batch (speed), one line per method;
+dense, which has no budget, is a dashed horizontal line.
+"""
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from report_tables import METHOD_ORDER, methods_of  # noqa: E402
+
+COLORS = {m: "black" if m == "dense" else f"C{i}" for i, m in enumerate(METHOD_ORDER)}
+
+
+def slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return name
+
+
+def _legend(axes) -> None:
+    """One legend for every panel's lines (a method may be missing from some panels)."""
+    labels = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    order = methods_of([{"method": label} for label in labels])
+    axes[-1].legend([labels[m] for m in order], order, fontsize="small")
+
+
+def _panels(count: int, width: float = 3.6):
+    fig, axes = plt.subplots(1, count, figsize=(width * count + 0.6, 3.2), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _quality_points(rows: list[dict], context: int) -> dict[str, list[tuple]]:
+    """method -> [(budget %, value)] at one context; tasks are averaged over the tasks every
+    plotted method ran (the tasks dense kept), so each point averages the same tasks."""
+    here = [r for r in rows if r["context"] == context]
+    tasks = {r.get("task") for r in here if r["method"] != "dense"} or {r.get("task") for r in here}
+    points: dict[str, dict] = {}
+    for r in here:
+        if r.get("task") in tasks:
+            points.setdefault(r["method"], {}).setdefault(r["fraction"], []).append(r["score"])
+    return {m: sorted((None if f is None else 100 * f, sum(v) / len(v)) for f, v in by_f.items()
+                      if len(v) == len(tasks))
+            for m, by_f in points.items()}
+
+
+def quality_plot(run: dict, kind: str, out_dir: Path) -> str | None:
+    """`kind` "perplexity" or "task": value against budget, one panel per context."""
+    rows = [r for r in run.get("rows", []) if r["kind"] == kind]
+    contexts = sorted({r["context"] for r in rows})
+    if not contexts:
+        return None
+    fig, axes = _panels(len(contexts))
+    for ax, context in zip(axes, contexts):
+        points = _quality_points(rows, context)
+        for method in methods_of([{"method": m} for m in points]):
+            xs = [x for x, _ in points[method]]
+            ys = [y for _, y in points[method]]
+            if method == "dense" and ys:
+                ax.axhline(ys[0], color="black", linestyle="--", label="dense")
+            elif ys:
+                ax.plot(xs, ys, marker="o", label=method, color=COLORS.get(method))
+        ax.set_xticks(sorted({x for m, pts in points.items() if m != "dense" for x, _ in pts}))
+        ax.set_title(f"context {context:,}")
+        ax.set_xlabel("budget (% of context)")
+    axes[0].set_ylabel("perplexity (lower is better)" if kind == "perplexity"
+                       else "task score (mean over tasks)")
+    _legend(axes)
+    fig.suptitle(f"{run.get('device', '?')}: {kind} against budget", fontsize="medium")
+    return _save(fig, out_dir, f"quality_{kind}_{slug(run.get('device', '?'))}.png")
+
+
+def speed_plot(run: dict, out_dir: Path) -> str | None:
+    """Decode tokens/s against context, one panel per batch size."""
+    rows = run.get("rows", [])
+    batches = sorted({r["batch"] for r in rows})
+    if not batches:
+        return None
+    fig, axes = _panels(len(batches))
+    for ax, batch in zip(axes, batches):
+        here = [r for r in rows if r["batch"] == batch]
+        for method in methods_of(here):
+            points = sorted((r["context"], r["decode_tok_s"]) for r in here if r["method"] == method)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method,
+                    color=COLORS.get(method), linestyle="--" if method == "dense" else "-")
+        ax.set_xticks(sorted({r["context"] for r in here}))
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("context (tokens)")
+    axes[0].set_ylabel("decode tokens/s")
+    _legend(axes)
+    fig.suptitle(f"{run.get('device', '?')}: decode speed against context", fontsize="medium")
+    return _save(fig, out_dir, f"speed_decode_{slug(run.get('device', '?'))}.png")

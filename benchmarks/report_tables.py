@@ -1,0 +1,152 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Markdown tables of one run of each benchmark (quality, speed, load, radar_perplexity).
+
+Every ratio to dense is computed here from the same run's dense row, never read from the file.
+A cell that was not measured is an em dash.
+"""
+
+import json
+
+DASH = "—"
+METHOD_ORDER = ("dense", "radar", "recycled", "streaming", "nats", "sparsek")
+
+
+def num(x, digits=3) -> str:
+    if x is None:
+        return DASH
+    return f"{x:,}" if isinstance(x, int) else f"{x:,.{digits}f}"
+
+
+def cell(value, ref, digits=3) -> str:
+    """`value (×value/ref)`, or the value alone without a reference (ref None: dense's own cell)."""
+    if value is None:
+        return DASH
+    if not ref:
+        return num(value, digits)
+    return f"{num(value, digits)} (×{value / ref:.3f})"
+
+
+def pct(fraction) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def methods_of(rows, key="method") -> list[str]:
+    seen = {r[key] for r in rows}
+    return sorted(seen, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+
+
+def run_header(run: dict) -> str:
+    """Device, machine, versions, date and the command of a run, as a bullet list."""
+    versions = run.get("versions") or {k: run[k] for k in ("vllm", "torch") if k in run}
+    versions = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    command = run.get("command")
+    if command:
+        command = f"`{command}`"
+    elif "score_from" in run and "radar" in run:   # radar_perplexity.py records every flag
+        command = (f"`python benchmarks/radar_perplexity.py --context {run['context']} --windows "
+                   f"{run['windows']} --budget {run['budget']} --score-from {run['score_from']}`")
+    else:
+        settings = {k: v for k, v in (run.get("settings") or {}).items()
+                    if v not in (None, [], False)}
+        command = f"not recorded (settings: `{json.dumps(settings, separators=(',', ':'))}`)"
+    model = run.get("model", "")
+    return "\n".join([f"- Device: **{run.get('device', '?')}**; machine: {run.get('machine', '?')}",
+                      f"- Versions: {versions or '?'}; date: {run.get('date', '?')}"
+                      + (f"; model: {model.rsplit('/', 1)[-1]}" if model else ""),
+                      f"- Command: {command}"])
+
+
+def _sparse_budgets(rows, context) -> list[tuple]:
+    return sorted({(r["fraction"], r["budget"]) for r in rows
+                   if r["context"] == context and r["fraction"] is not None})
+
+
+def quality_perplexity(run: dict) -> str:
+    rows = [r for r in run.get("rows", []) if r["kind"] == "perplexity"]
+    if not rows:
+        return ""
+    methods = methods_of(rows)
+    at = {(r["method"], r["context"], r["fraction"]): r["score"] for r in rows}
+    out = []
+    for context in sorted({r["context"] for r in rows}):
+        ref = at.get(("dense", context, None))
+        for fraction, budget in _sparse_budgets(rows, context) or [(None, None)]:
+            line = [f"{context:,}", DASH if fraction is None else f"{pct(fraction)} ({budget:,})"]
+            for m in methods:
+                dense = m == "dense"
+                line.append(cell(at.get((m, context, None if dense else fraction)),
+                                 None if dense else ref))
+            out.append(line)
+    return table(["context", "budget (tokens)", *methods], out)
+
+
+def quality_tasks(run: dict) -> str:
+    rows = [r for r in run.get("rows", []) if r["kind"] == "task"]
+    if not rows:
+        return ""
+    methods = methods_of(rows)
+    at = {(r["method"], r["task"], r["context"], r["fraction"]): r["score"] for r in rows}
+    out = []
+    cells = sorted({(r["task"], r["context"]) for r in rows}, key=lambda k: (k[1], k[0]))
+    for task, context in cells:
+        ref = at.get(("dense", task, context, None))
+        here = [r for r in rows if r["task"] == task]
+        for fraction, budget in _sparse_budgets(here, context) or [(None, None)]:
+            budget_text = DASH if fraction is None else f"{pct(fraction)} ({budget:,})"
+            line = [task, f"{context:,}", budget_text]
+            for m in methods:
+                dense = m == "dense"
+                line.append(cell(at.get((m, task, context, None if dense else fraction)),
+                                 None if dense else ref))
+            out.append(line)
+    return table(["task", "context", "budget (tokens)", *methods], out)
+
+
+def speed_table(run: dict, key: str, digits: int) -> str:
+    rows = run.get("rows", [])
+    if not rows:
+        return ""
+    methods = methods_of(rows)
+    at = {(r["method"], r["context"], r["batch"]): r[key] for r in rows}
+    out = []
+    for context, batch in sorted({(r["context"], r["batch"]) for r in rows}):
+        budgets = {r["budget"] for r in rows if r["context"] == context and r["budget"]}
+        ref = at.get(("dense", context, batch))
+        out.append([f"{context:,}", batch, ", ".join(f"{b:,}" for b in sorted(budgets)) or DASH,
+                    *(cell(at.get((m, context, batch)), None if m == "dense" else ref, digits)
+                      for m in methods)])
+    return table(["context", "batch", "budget (tokens)", *methods], out)
+
+
+LOAD_ROWS = [("latency p50 (s)", "latency_p50_s"), ("latency p90 (s)", "latency_p90_s"),
+             ("latency p99 (s)", "latency_p99_s"), ("TTFT p50 (s)", "ttft_p50_s"),
+             ("TTFT p90 (s)", "ttft_p90_s"), ("TTFT p99 (s)", "ttft_p99_s"),
+             ("requests/s", "requests_per_s"), ("output tokens/s", "output_tokens_per_s"),
+             ("errors", "errors"), ("preemptions", "preemptions")]
+
+
+def load_table(run: dict) -> str:
+    backends = methods_of([{"method": b} for b in run.get("runs", {})])
+    if not backends:
+        return ""
+    out = []
+    for label, key in LOAD_ROWS:
+        ref = run["runs"].get("dense", {}).get(key)
+        ratio_ok = key not in ("errors", "preemptions")
+        out.append([label, *(cell(run["runs"][b].get(key),
+                                  ref if ratio_ok and b != "dense" else None) for b in backends)])
+    return table(["", *backends], out)
+
+
+def radar_perplexity_table(run: dict) -> str:
+    dense, radar = run["dense"]["ppl"], run["radar"]["ppl"]
+    budget = f"{pct(float(run['budget']))} of each position's context"
+    return table(["method", "budget", "perplexity", "vs dense"],
+                 [["dense (vLLM's own backend)", "all", num(dense), num(1.0)],
+                  ["Radar", budget, num(radar), num(radar / dense)]])

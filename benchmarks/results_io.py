@@ -1,0 +1,48 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Reading and writing benchmarks/results/*.json, shared by the benchmark scripts and report.py.
+
+A results file is a list of runs, at most one per device ("cpu" or the GPU's name): a rerun
+replaces the run of its own device and keeps every other device's, so a CPU rerun never drops
+GPU rows. Files written before this module are read too: `{"runs": [...]}` (speed.py) and a
+single run (load.py, radar_perplexity.py).
+"""
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_runs(path: Path) -> list[dict]:
+    """Every run in a results file (none if it does not exist), whichever layout it has."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if isinstance(data, list):
+        return data
+    if isinstance(data.get("runs"), list):
+        return data["runs"]
+    return [data]
+
+
+def save_run(path: Path, run: dict) -> None:
+    """Append `run` to the file, replacing an earlier run of the same device, keeping the others."""
+    path = Path(path)
+    runs = [r for r in read_runs(path) if r.get("device") != run["device"]] + [run]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(runs, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def command_line() -> str:
+    """This process's command line, with the script's path relative to the repository."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *sys.argv[1:]])
