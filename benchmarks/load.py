@@ -309,7 +309,7 @@ def table(runs: dict) -> str:
     base = runs.get("dense")
     head = f"{'':<18}" + "".join(f"{n:>12}" for n in names)
     others = [n for n in names if n != "dense"] if base else []
-    head += "".join(f"{n + '/dense':>14}" for n in others)
+    head += "".join(f"{' ' + n + '/dense':>15}" for n in others)
     lines = [head]
     for label, key, _higher_better in ROWS:
         row = f"{label:<18}"
@@ -323,7 +323,7 @@ def table(runs: dict) -> str:
             a, b = runs[n].get(key), base.get(key)
             ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
             ok = ok and key not in ("errors", "preemptions", "startup_s")
-            row += f"{a / b:>14.3f}" if ok else f"{'-':>14}"
+            row += f"{a / b:>15.3f}" if ok else f"{'-':>15}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -6,9 +6,9 @@
 
 Dense is vLLM's own backend (CPU_ATTN on CPU, FLASH_ATTN on CUDA). Each sparse method
 gets the same token budget, `--budget` times the context. For each (context, batch):
-time to first token (one prefill of the whole batch, generating 1 token) and decode
-tokens/s (a `--tokens` generation minus its prefill), and the ratio to dense measured in
-the same run. SmolLM2-135M, float32 on CPU (bf16 GEMMs are slow on CPUs without AMX).
+time to first token (until every request of the batch has its first token) and decode
+tokens/s (the tokens generated after that, over their time: decode steps only), from one
+generation stepped through the engine, and the ratio to dense measured in the same run. SmolLM2-135M, float32 on CPU (bf16 GEMMs are slow on CPUs without AMX).
 Results: benchmarks/results/speed[_small].json (rows of another device are kept).
 """
 
@@ -58,18 +58,34 @@ def prompts(model: str, context: int, batch: int):
 
 
 def measure(llm, batch, tokens: int) -> dict:
-    from vllm import SamplingParams
+    """One timed generation of `tokens` tokens for the whole batch, step by step through the
+    engine: TTFT = until every request has its first token (the batch's prefill), decode
+    tokens/s = tokens generated after that over the time they took (decode steps only)."""
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
 
-    one = SamplingParams(temperature=0, max_tokens=1)
-    many = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    llm.generate(batch[:1], one, use_tqdm=False)            # warm-up
+    warm_up = TokensPrompt(prompt_token_ids=batch[0]["prompt_token_ids"][:64])
+    llm.generate([warm_up], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True,
+                            output_kind=RequestOutputKind.CUMULATIVE)
+    counts = {}
     start = time.perf_counter()
-    llm.generate(batch, one, use_tqdm=False)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    llm.generate(batch, many, use_tqdm=False)
-    decode = time.perf_counter() - start - ttft
-    return {"ttft_s": ttft, "decode_tok_s": len(batch) * (tokens - 1) / decode}
+    for i, prompt in enumerate(batch):
+        engine.add_request(f"speed-{i}", prompt, params)
+        counts[f"speed-{i}"] = 0
+    first_all = first_count = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            counts[out.request_id] = len(out.outputs[0].token_ids)
+        if first_all is None and min(counts.values()) >= 1:
+            first_all, first_count = time.perf_counter(), sum(counts.values())
+    end = time.perf_counter()
+    decoded = sum(counts.values()) - first_count
+    if decoded <= 0 or end <= first_all:
+        raise RuntimeError(f"speed: no decode step measured ({counts})")
+    return {"ttft_s": first_all - start, "decode_tok_s": decoded / (end - first_all),
+            "decode_tokens": decoded}
 
 
 def engine(model: str, backend: str | None, sparse: dict | None, max_len: int):
@@ -77,8 +93,9 @@ def engine(model: str, backend: str | None, sparse: dict | None, max_len: int):
 
     kwargs = {"attention_backend": backend, "additional_config": {"vllm_sparse": sparse}} \
         if backend else {}
+    # no prefix caching: every timed prefill computes its whole prompt
     return LLM(model=model, dtype="float32", max_model_len=max_len, enforce_eager=True, seed=0,
-               max_num_seqs=16, **kwargs)
+               max_num_seqs=16, enable_prefix_caching=False, **kwargs)
 
 
 def main() -> None:

@@ -113,7 +113,7 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
         )
 
 
-STATEFUL_METHODS = ("recycled",)
+STATEFUL_METHODS = ("recycled", "nats")
 
 
 def _refuse_v2_runner(vllm_config) -> None:
@@ -176,6 +176,9 @@ class SparseAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.config: SparseConfig = resolve_from_vllm(get_current_vllm_config(), self.method)
+        if self.config.method == "nats" and self.method != "nats":
+            raise NotImplementedError("vllm_sparse: nats frees KV pages and needs its own "
+                                      "backend: use --attention-backend nats, not custom")
         self.layer_method: str | None = None
         self.budget = None
         self.policy: SparsePolicy | None = None
@@ -298,7 +301,9 @@ class SparseAttentionImpl(AttentionImpl):
         positions = [md.seq_lens_cpu[r] - 1 for r in rows]
         keys = [md.request_key(r) for r in rows]
         budgets = self._budgets(seq_lens)
-        plan = self.recycled.plan_decode(keys, positions, q, budgets)
+        prompt_ends = ([md.prompt_lens[r] - 1 == p for r, p in zip(rows, positions)]
+                       if md.prompt_lens else None)
+        plan = self.recycled.plan_decode(keys, positions, q, budgets, prompt_ends)
         full_rows = torch.nonzero(plan.full.any(-1)).flatten()
         partial_rows = torch.nonzero(~plan.full.all(-1)).flatten()
         result = torch.empty_like(q)
@@ -457,6 +462,15 @@ def _backend(name: str, cls_prefix: str, method: str | None):
 
 RadarBackend, RadarImpl = _backend("RADAR", "Radar", "radar")
 RecycledBackend, RecycledImpl = _backend("RECYCLED", "Recycled", "recycled")
-NatsBackend, NatsImpl = _backend("NATS", "Nats", "nats")
 SparseKBackend, SparseKImpl = _backend("SPARSEK", "SparseK", "sparsek")
 CustomBackend, CustomImpl = _backend("CUSTOM", "Custom", None)
+
+
+def __getattr__(name: str):
+    """`NatsBackend`/`NatsImpl` live in `vllm_sparse.nats.backend` (imported lazily: it
+    builds on this module); the plugin registers them under this module's path."""
+    if name in ("NatsBackend", "NatsImpl"):
+        from vllm_sparse.nats import backend
+
+        return getattr(backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

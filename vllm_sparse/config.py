@@ -29,7 +29,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
 logger = logging.getLogger("vllm.vllm_sparse")  # inherits vLLM's log handlers
 
 METHODS = ("radar", "recycled", "nats", "sparsek")
-IMPLEMENTED_METHODS = ("radar", "recycled")
+IMPLEMENTED_METHODS = ("radar", "recycled", "nats")
 Method = Literal["radar", "recycled", "nats", "sparsek"]
 LayerMethod = Literal["radar", "recycled", "nats", "sparsek", "dense"]
 Budget = Union[StrictInt, StrictFloat]
@@ -126,6 +126,39 @@ class RecycledConfig(_Strict):
         return value
 
 
+class NatsConfig(_Strict):
+    """NAtS (Deng, Lindauer; arXiv 2502.13251): learned per-chunk token types, KV eviction.
+
+    Based on https://arxiv.org/abs/2502.13251. The gates file (`vllm_sparse.nats.gates`
+    format) is the one source of truth for the chunk size and the SLIDING window; the
+    budget is not used (the gates decide what is kept).
+
+    Parameters
+    ----------
+    gates : str, required with --attention-backend nats
+        Path of the model's gates (safetensors), absolute or relative to `configs/`.
+    chunk_size : int, optional
+        Only a check: must equal the gates file's chunk size.
+    window : int, optional
+        Only a check: must equal the gates file's window.
+    """
+
+    gates: str | None = None
+    chunk_size: PositiveInt | None = None
+    window: NonNegativeInt | None = None
+
+    def gates_path(self) -> Path:
+        """The gates file, resolved (relative paths are relative to `configs/`)."""
+        if self.gates is None:
+            raise ValueError(
+                "vllm_sparse: nats needs gates trained for the model and none are configured; "
+                "set nats.gates (a safetensors path, absolute or relative to configs/) in the "
+                "model's configs/*.yaml or in --additional-config "
+                "'{\"vllm_sparse\": {\"nats\": {\"gates\": PATH}}}'")
+        path = Path(self.gates).expanduser()
+        return path if path.is_absolute() else config_dir() / path
+
+
 class LayerOverride(_Strict):
     """Per-layer changes, e.g. `{"0": {"method": "dense"}}`."""
 
@@ -155,6 +188,7 @@ class SparseConfig(_Strict):
     budget: Budget = 2048
     radar: RadarConfig = RadarConfig()
     recycled: RecycledConfig = RecycledConfig()
+    nats: NatsConfig = NatsConfig()
     layers: dict[int, LayerOverride] = Field(default_factory=dict)
     eval_sparse_prefill_from: NonNegativeInt | None = None
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -316,7 +350,29 @@ def resolve(names: list[str], fingerprint: dict, override: Any,
         raise NotImplementedError(
             f"vllm_sparse: method {', '.join(missing)} is not implemented yet; "
             f"implemented: {', '.join(IMPLEMENTED_METHODS)}. Refusing to fall back to dense.")
+    if "nats" in used:
+        _check_nats(config, file_name, file_data, override)
     return config, _describe(config, file_name, file_data, override, backend_method)
+
+
+def _check_nats(config: SparseConfig, file_name, file_data: dict, override: dict) -> None:
+    """NAtS at start-up: gates configured and present, no per-layer methods, budget unused."""
+    if config.layers:
+        raise NotImplementedError(
+            "vllm_sparse: per-layer overrides (layers) are not supported with nats: its gates "
+            f"decide per layer (got layers={sorted(config.layers)}); remove them")
+    path = config.nats.gates_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"vllm_sparse: nats gates file {path} (nats.gates="
+                                f"{config.nats.gates!r}) does not exist; train gates for this "
+                                "model (vllm_sparse.train) or fix the path")
+    if "budget" in override or "budget" in file_data:
+        source = "--additional-config" if "budget" in override else f"configs/{file_name}"
+        key = f"nats-budget:{config.budget}:{source}"
+        if key not in _logged:
+            _logged.add(key)
+            logger.info("vllm_sparse: budget=%s (%s) is not used by nats: its gates decide which "
+                        "tokens are kept", config.budget, source)
 
 
 def _describe(config, file_name, file_data, override, backend_method) -> str:

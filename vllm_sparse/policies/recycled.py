@@ -173,8 +173,10 @@ class RecycledPolicy:
 
     # ------------------------------------------------------------ decode steps
     def plan_decode(self, keys: list, positions: list[int], query: torch.Tensor,
-                    budgets: torch.Tensor) -> DecodePlan:
-        """Rows of one decode batch: query [N, Hq, D] at `positions`, budgets [N] tokens."""
+                    budgets: torch.Tensor, prompt_ends: list[bool] | None = None) -> DecodePlan:
+        """Rows of one decode batch: query [N, Hq, D] at `positions`, budgets [N] tokens.
+        prompt_ends [N]: the row is its prompt's last token (scheduled alone by chunked
+        prefill), whose full step starts the request's state: no state is expected there."""
         n, hkv = len(keys), self.num_kv_heads
         unit = unit_group_mean(query, hkv)
         states = [self._history(k).at(p - 1) if k is not None else None
@@ -183,7 +185,7 @@ class RecycledPolicy:
         for i, state in enumerate(states):
             if state is not None:
                 full[i] = self._due(state, positions[i], unit[i])
-            elif keys[i] is not None:
+            elif keys[i] is not None and not (prompt_ends and prompt_ends[i]):
                 _log_lost(positions[i])
         tokens = self._partial_tokens(states, positions, budgets.cpu(), full)
         device = query.device

@@ -1,0 +1,254 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`--attention-backend nats`: NAtS attention with KV eviction (vLLM glue and mechanism).
+
+Each forward, per layer: write K/V, let the policy (`vllm_sparse.nats.policy`) type the
+chunks the step completed, attend each query to the tokens its KV head still sees
+(prefill: the live tokens under the `gates.visible` mask; decode: exactly the live tokens,
+token by token), and report to the eviction channel the pages no later query of any of
+this layer's KV heads attends. Only live tokens are gathered, so a freed page (which may
+already hold another request's data) is never read, not even under a mask.
+
+The gates file is loaded and checked against the model at start-up (model construction:
+layers, KV heads, head size; the metadata builder: KV block size).
+"""
+
+import functools
+import logging
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from vllm.config import get_current_vllm_config
+from vllm_sparse import reference
+from vllm_sparse.backend import (SparseAttentionBackend, SparseAttentionImpl, SparseMetadata,
+                                 SparseMetadataBuilder, _layer_index)
+from vllm_sparse.config import NatsConfig, resolve_from_vllm
+from vllm_sparse.eviction import channel
+from vllm_sparse.mechanism import make_mechanism, resolve_kernels
+from vllm_sparse.nats.gates import NatsGates
+from vllm_sparse.nats.policy import NatsPolicy, check_block_size
+
+logger = logging.getLogger("vllm.vllm_sparse")
+PREFILL_CHUNK = 256
+"""Prefill queries attended per chunk (bounds the [Q, Hkv, L] mask)."""
+
+
+@functools.cache
+def _load(path: str, mtime: float) -> NatsGates:
+    return NatsGates.load(path)
+
+
+def load_gates(config: NatsConfig) -> tuple[NatsGates, Path]:
+    """The configured gates (cached per file), with `chunk_size`/`window` checked."""
+    path = config.gates_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"vllm_sparse: nats gates file {path} does not exist")
+    gates = _load(str(path), path.stat().st_mtime)
+    for name in ("chunk_size", "window"):
+        wanted, have = getattr(config, name), getattr(gates, name)
+        if wanted is not None and wanted != have:
+            raise ValueError(f"vllm_sparse: nats.{name}={wanted} contradicts the gates file "
+                             f"{path} ({name}={have}); the file is the source of truth: "
+                             f"remove nats.{name} or set it to {have}")
+    return gates, path
+
+
+def check_model(gates: NatsGates, path, num_layers: int, num_kv_heads: int,
+                head_size: int) -> None:
+    """Gates must be made for this model (all of its KV heads, before TP slicing)."""
+    for name, have, model in (("layers", gates.num_layers, num_layers),
+                              ("KV heads", gates.num_kv_heads, num_kv_heads),
+                              ("head size", gates.head_size, head_size)):
+        if have != model:
+            raise ValueError(f"vllm_sparse: nats gates {path} have {name}={have}, the model "
+                             f"has {model}; allowed: gates trained for this model "
+                             f"({num_layers} layers, {num_kv_heads} KV heads, head size "
+                             f"{head_size})")
+
+
+def rank_heads(total: int, local: int, tp_rank: int, tp_size: int) -> slice:
+    """This rank's KV heads among the model's `total` (vLLM's QKVParallelLinear split:
+    contiguous slices, or one replicated head each when total < tp_size)."""
+    if total >= tp_size:
+        if total != local * tp_size:
+            raise ValueError(f"vllm_sparse: nats: {local} KV heads per rank x {tp_size} ranks "
+                             f"!= {total} KV heads")
+        return slice(tp_rank * local, (tp_rank + 1) * local)
+    head = tp_rank // (tp_size // total)
+    return slice(head, head + 1)
+
+
+def _gates_for(vllm_config) -> tuple[NatsGates, Path]:
+    return load_gates(resolve_from_vllm(vllm_config, "nats").nats)
+
+
+class NatsMetadataBuilder(SparseMetadataBuilder):
+    """The shared metadata, plus the eviction channel's block size and its check."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        gates, _ = _gates_for(vllm_config)
+        check_block_size(gates.chunk_size, kv_cache_spec.block_size)
+        channel.WORKER.expect_block_size(kv_cache_spec.block_size)
+
+
+class NatsImpl(SparseAttentionImpl):
+    """NAtS attention for one layer.
+
+    forward: query [T, Hq, D], key/value [T, Hkv, D], kv_cache [num_blocks, Hkv,
+    block_size, 2D], output [T, Hq, D]; reports evictable [B, num_pages] pages per step.
+    """
+
+    method: ClassVar[str | None] = "nats"
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, *args, **kwargs):
+        super().__init__(num_heads, head_size, scale, num_kv_heads, *args, **kwargs)
+        from vllm.distributed import (get_tensor_model_parallel_rank,
+                                      get_tensor_model_parallel_world_size)
+
+        model = get_current_vllm_config().model_config
+        self.gates, path = load_gates(self.config.nats)
+        total = model.get_total_num_kv_heads()
+        check_model(self.gates, path, model.hf_text_config.num_hidden_layers, total,
+                    self.head_size)
+        self.heads = rank_heads(total, self.num_kv_heads, get_tensor_model_parallel_rank(),
+                                get_tensor_model_parallel_world_size())
+        self.nats: NatsPolicy | None = None
+
+    def _bind_layer(self, layer_name: str, kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
+        self.mechanism = make_mechanism(resolve_kernels(self.config.kernels, kv_cache.device, dtype))
+        self.layer_method = "nats"
+        index = _layer_index(layer_name)
+        if index is None or not 0 <= index < self.gates.num_layers:
+            raise ValueError(f"vllm_sparse: nats cannot find the layer index of {layer_name!r} "
+                             f"(gates hold layers 0..{self.gates.num_layers - 1})")
+        weight, bias = self.gates.layer(index)
+        device = kv_cache.device
+        self.nats = NatsPolicy(weight[self.heads].to(device), bias[self.heads].to(device),
+                               self.gates.chunk_size, self.gates.window)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vllm_sparse: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        if self.nats is None:
+            self._bind_layer(layer.layer_name, kv_cache, query.dtype)
+        md: SparseMetadata = attn_metadata
+        n = md.num_actual_tokens
+        self.mechanism.write_kv(kv_cache, key[:n], value[:n], md.slot_mapping)
+        self.nats.forget(md.live_requests)
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        types = [self._update_types(row, md, kv_cache) for row in range(len(md.seq_lens_cpu))]
+        for row in md.prefill_rows:
+            self._prefill_row(row, types[row], query, kv_cache, md, out)
+        if md.decode_rows.numel():
+            self._decode(types, query, kv_cache, md, out)
+        self._report(layer.layer_name, types, md, kv_cache)
+        return output
+
+    # ------------------------------------------------------------ policy
+    def _update_types(self, row: int, md: SparseMetadata, kv_cache) -> torch.Tensor:
+        """Types [Hkv, n] of the row's complete chunks after this step (state updated)."""
+        chunk = self.nats.chunk_size
+        seq_len = md.seq_lens_cpu[row]
+        first = seq_len - (md.query_start_loc[row + 1] - md.query_start_loc[row])
+        key = md.request_key(row)
+        before = self.nats.known(key, first)
+        if before is None:
+            _log_once("vllm_sparse: nats: a step without request identity recomputes its "
+                      "chunk types from the cache and frees nothing (logged once)")
+            before = self.nats.chunk_types(*self.nats.no_chunks(), first_chunk=0)
+        start, end = before.shape[1] * chunk, seq_len // chunk * chunk
+        if start == end:                                  # no chunk completed
+            return self.nats.extend(key, before, *self.nats.no_chunks())
+        return self.nats.extend(key, before, *self._read(kv_cache, md, row, start, end))
+
+    def _read(self, kv_cache, md: SparseMetadata, row: int, start: int, end: int):
+        """Keys and values [Hkv, end - start, D] of positions [start, end) of one row
+        (tokens of chunks being typed: never evicted)."""
+        positions = torch.arange(start, end, device=kv_cache.device)
+        k, v = reference.gather_kv(kv_cache, md.block_table[row][None],
+                                   positions.expand(1, self.num_kv_heads, -1))
+        return k[0], v[0]
+
+    def _report(self, layer_name: str, types, md: SparseMetadata, kv_cache) -> None:
+        num_pages = md.block_table.shape[1]
+        evictable = torch.zeros(len(types), num_pages, dtype=torch.bool, device=kv_cache.device)
+        if md.request_keys is not None:
+            for row, row_types in enumerate(types):
+                evictable[row] = self.nats.evictable_pages(row_types, md.seq_lens_cpu[row],
+                                                           kv_cache.shape[2], num_pages)
+        channel.WORKER.report(layer_name, md, evictable, kv_cache.shape[2])
+
+    # ------------------------------------------------------------ mechanism
+    def _prefill_row(self, row: int, types, query, kv_cache, md: SparseMetadata, out) -> None:
+        """The row's queries attend the live tokens they see (`gates.visible`)."""
+        start, end = md.query_start_loc[row], md.query_start_loc[row + 1]
+        seq_len = md.seq_lens_cpu[row]
+        first = seq_len - (end - start)
+        positions = self.nats.live_tokens(types, first, seq_len)          # [Hkv, L]
+        key, value = reference.gather_kv(kv_cache, md.block_table[row][None],
+                                         positions.where(positions >= 0, seq_len - 1)[None])
+        for lo in range(start, end, PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, end)
+            query_pos = torch.arange(lo - start + first, hi - start + first,
+                                     device=query.device)
+            valid = self.nats.visible(types, query_pos, positions, seq_len)
+            out[lo:hi] = reference.attend(query[lo:hi], key, value, valid, self.scale)[0]
+
+    def _decode(self, types, query, kv_cache, md: SparseMetadata, out) -> None:
+        """Decode rows attend exactly their live tokens, per KV head (token mode)."""
+        rows = md.decode_rows.tolist()
+        lists = [self.nats.live_tokens(types[r], md.seq_lens_cpu[r] - 1, md.seq_lens_cpu[r])
+                 for r in rows]
+        width = max(t.shape[1] for t in lists)
+        tokens = torch.full((len(rows), self.num_kv_heads, width), -1, dtype=torch.long,
+                            device=query.device)
+        for i, t in enumerate(lists):
+            tokens[i, :, : t.shape[1]] = t
+        # -1 entries are read at position 0 and masked: chunk 0 is GLOBAL for every head,
+        # so page 0 is never evicted.
+        seq_lens = md.seq_lens[md.decode_rows].long()
+        result, valid = self.mechanism.decode_tokens(
+            query[md.decode_token_index], kv_cache, md.block_table[md.decode_rows], seq_lens,
+            tokens, self.scale)
+        out[md.decode_token_index] = result
+        self._count(valid, seq_lens, 0)
+
+
+_logged: set = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning(message)
+
+
+class NatsBackend(SparseAttentionBackend):
+    """`--attention-backend nats`: NAtS with an evicting KV-cache spec (pages whose tokens
+    every KV head of every layer evicted return to vLLM's block pool)."""
+
+    method: ClassVar[str | None] = "nats"
+
+    @staticmethod
+    def get_name() -> str:
+        return "NATS"
+
+    @staticmethod
+    def get_impl_cls():
+        return NatsImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return NatsMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec):
+        from vllm_sparse.eviction.cache import evicting_spec
+
+        return evicting_spec(spec)

@@ -1,0 +1,34 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`python -m vllm_sparse.train {nats,nats-kept} ...` (see `--help` of each command)."""
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, add_arguments function, run function, help)
+COMMANDS = {
+    "nats": ("vllm_sparse.train.nats_cli", "add_train_arguments", "train",
+             "learn NAtS gates by self-distillation"),
+    "nats-kept": ("vllm_sparse.train.nats_cli", "add_kept_arguments", "kept",
+                  "measure the KV fraction NAtS gates keep at a context length"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vllm_sparse.train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (module, add, _, help_) in COMMANDS.items():
+        getattr(importlib.import_module(module), add)(sub.add_parser(name, help=help_))
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    module, _, run, _ = COMMANDS[args.command]
+    return getattr(importlib.import_module(module), run)(args, argv)
+
+
+if __name__ == "__main__":
+    main()
