@@ -113,7 +113,8 @@ class SparseMetadataBuilder(AttentionMetadataBuilder[SparseMetadata]):
         )
 
 
-STATEFUL_METHODS = ("recycled", "nats")
+STATEFUL_METHODS = ("recycled", "nats", "sparsek")
+EVICTING_METHODS = ("nats", "sparsek")
 
 
 def _refuse_v2_runner(vllm_config) -> None:
@@ -176,9 +177,10 @@ class SparseAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.config: SparseConfig = resolve_from_vllm(get_current_vllm_config(), self.method)
-        if self.config.method == "nats" and self.method != "nats":
-            raise NotImplementedError("vllm_sparse: nats frees KV pages and needs its own "
-                                      "backend: use --attention-backend nats, not custom")
+        if self.config.method in EVICTING_METHODS and self.method != self.config.method:
+            raise NotImplementedError(f"vllm_sparse: {self.config.method} frees KV pages and "
+                                      "needs its own backend: use --attention-backend "
+                                      f"{self.config.method}, not custom")
         self.layer_method: str | None = None
         self.budget = None
         self.policy: SparsePolicy | None = None
@@ -462,15 +464,19 @@ def _backend(name: str, cls_prefix: str, method: str | None):
 
 RadarBackend, RadarImpl = _backend("RADAR", "Radar", "radar")
 RecycledBackend, RecycledImpl = _backend("RECYCLED", "Recycled", "recycled")
-SparseKBackend, SparseKImpl = _backend("SPARSEK", "SparseK", "sparsek")
 CustomBackend, CustomImpl = _backend("CUSTOM", "Custom", None)
 
 
 def __getattr__(name: str):
-    """`NatsBackend`/`NatsImpl` live in `vllm_sparse.nats.backend` (imported lazily: it
-    builds on this module); the plugin registers them under this module's path."""
+    """`NatsBackend`/`NatsImpl` and `SparseKBackend`/`SparseKImpl` live in
+    `vllm_sparse.nats.backend` and `vllm_sparse.sparsek.backend` (imported lazily: they build
+    on this module); the plugin registers them under this module's path."""
     if name in ("NatsBackend", "NatsImpl"):
         from vllm_sparse.nats import backend
+
+        return getattr(backend, name)
+    if name in ("SparseKBackend", "SparseKImpl"):
+        from vllm_sparse.sparsek import backend
 
         return getattr(backend, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

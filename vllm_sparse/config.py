@@ -29,7 +29,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
 logger = logging.getLogger("vllm.vllm_sparse")  # inherits vLLM's log handlers
 
 METHODS = ("radar", "recycled", "nats", "sparsek")
-IMPLEMENTED_METHODS = ("radar", "recycled", "nats")
+IMPLEMENTED_METHODS = ("radar", "recycled", "nats", "sparsek")
 Method = Literal["radar", "recycled", "nats", "sparsek"]
 LayerMethod = Literal["radar", "recycled", "nats", "sparsek", "dense"]
 Budget = Union[StrictInt, StrictFloat]
@@ -159,6 +159,37 @@ class NatsConfig(_Strict):
         return path if path.is_absolute() else config_dir() / path
 
 
+class SparseKConfig(_Strict):
+    """SparseK (Lou et al.; arXiv 2406.16747): a learned per-token score, the top-k older
+    tokens plus a sliding window per KV head, values scaled by SPARSEK's p; KV eviction.
+
+    Based on https://arxiv.org/abs/2406.16747. The scorer file (`vllm_sparse.sparsek.scorer`
+    format) holds the weights and the window; k = budget - window, so the budget (an integer
+    token count: SparseK keeps a constant number of tokens) counts the window too.
+
+    Parameters
+    ----------
+    scorer : str, required with --attention-backend sparsek
+        Path of the model's scorer (safetensors), absolute or relative to `configs/`.
+    window : int, optional
+        Only a check: must equal the scorer file's window.
+    """
+
+    scorer: str | None = None
+    window: NonNegativeInt | None = None
+
+    def scorer_path(self) -> Path:
+        """The scorer file, resolved (relative paths are relative to `configs/`)."""
+        if self.scorer is None:
+            raise ValueError(
+                "vllm_sparse: sparsek needs a scorer trained for the model and none is "
+                "configured; set sparsek.scorer (a safetensors path, absolute or relative to "
+                "configs/) in the model's configs/*.yaml or in --additional-config "
+                "'{\"vllm_sparse\": {\"sparsek\": {\"scorer\": PATH}}}'")
+        path = Path(self.scorer).expanduser()
+        return path if path.is_absolute() else config_dir() / path
+
+
 class LayerOverride(_Strict):
     """Per-layer changes, e.g. `{"0": {"method": "dense"}}`."""
 
@@ -189,6 +220,7 @@ class SparseConfig(_Strict):
     radar: RadarConfig = RadarConfig()
     recycled: RecycledConfig = RecycledConfig()
     nats: NatsConfig = NatsConfig()
+    sparsek: SparseKConfig = SparseKConfig()
     layers: dict[int, LayerOverride] = Field(default_factory=dict)
     eval_sparse_prefill_from: NonNegativeInt | None = None
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -352,6 +384,8 @@ def resolve(names: list[str], fingerprint: dict, override: Any,
             f"implemented: {', '.join(IMPLEMENTED_METHODS)}. Refusing to fall back to dense.")
     if "nats" in used:
         _check_nats(config, file_name, file_data, override)
+    if "sparsek" in used:
+        _check_sparsek(config)
     return config, _describe(config, file_name, file_data, override, backend_method)
 
 
@@ -373,6 +407,25 @@ def _check_nats(config: SparseConfig, file_name, file_data: dict, override: dict
             _logged.add(key)
             logger.info("vllm_sparse: budget=%s (%s) is not used by nats: its gates decide which "
                         "tokens are kept", config.budget, source)
+
+
+def _check_sparsek(config: SparseConfig) -> None:
+    """SparseK at start-up: scorer configured and present, no per-layer methods, an integer
+    budget (k = budget - window is constant; the window is checked with the file)."""
+    if config.layers:
+        raise NotImplementedError(
+            "vllm_sparse: per-layer overrides (layers) are not supported with sparsek: every "
+            f"layer evicts (got layers={sorted(config.layers)}); remove them")
+    path = config.sparsek.scorer_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"vllm_sparse: sparsek scorer file {path} (sparsek.scorer="
+                                f"{config.sparsek.scorer!r}) does not exist; train a scorer "
+                                "for this model (python -m vllm_sparse.train sparsek) or fix "
+                                "the path")
+    if not isinstance(config.budget, int):
+        raise ValueError(f"vllm_sparse: sparsek keeps a constant number of tokens per KV head: "
+                         f"budget={config.budget!r} must be an integer token count (k = budget - "
+                         "window), not a fraction of the context")
 
 
 def _describe(config, file_name, file_data, override, backend_method) -> str:

@@ -42,12 +42,14 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           valid: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+           valid: torch.Tensor, scale: float,
+           value_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of query [N, Hq, D] over key/value [N, Hkv, L, D] where valid [N, Hkv, L].
 
     key/value may have a leading dim of 1 (one request's context shared by all rows).
-    Returns (out [N, Hq, D] in query's dtype, lse [N, Hq] fp32). GQA: query head h
-    reads KV head h // (Hq // Hkv).
+    value_weights [N, Hkv, L] (optional) scale each value after the softmax, without
+    renormalising (SparseK's p). Returns (out [N, Hq, D] in query's dtype, lse [N, Hq]
+    fp32). GQA: query head h reads KV head h // (Hq // Hkv).
     """
     num_rows, num_heads, head_size = query.shape
     num_kv_heads = key.shape[1]
@@ -59,8 +61,21 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
+    if value_weights is not None:
+        probs = probs * value_weights[:, :, None, :].float()
     out = torch.einsum(f"nhgl,{kv_rows}hld->nhgd", probs, value.float())
     return out.reshape(num_rows, num_heads, head_size).to(query.dtype), lse.reshape(num_rows, num_heads)
+
+
+def move_tokens(kv_cache: torch.Tensor, block_table_row: torch.Tensor, heads: torch.Tensor,
+                source: torch.Tensor, target: torch.Tensor) -> None:
+    """Copy KV head `heads[m]`'s K/V of one request from logical position `source[m]` to
+    `target[m]` (all [M]). Every source is read before any target is written, so the two
+    sets may overlap."""
+    block_size = kv_cache.shape[2]
+    table = block_table_row.long()
+    moved = kv_cache[table[source // block_size], heads, source % block_size]   # a copy
+    kv_cache[table[target // block_size], heads, target % block_size] = moved
 
 
 def group_max_probs(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor,

@@ -238,7 +238,7 @@ def test_pool_too_small_for_dense(tiny_model, gate_files, random_engine):
 
 @pytest.mark.parametrize("case,message", [
     ("none", "nats needs gates trained for the model and none are configured"),
-    ("heads", "have KV heads=3, the model has 2; allowed: gates trained for this model"),
+    ("heads", "have KV heads=3, the model has 2; allowed: weights trained for this model"),
     ("chunk48", "chunk_size=48 (from the gates file) and KV block size 32 do not nest"),
 ])
 def test_bad_gates_fail_at_start_up(tiny_model, tmp_path, case, message):

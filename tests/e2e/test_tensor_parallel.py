@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tensor parallelism on the CPU engine (mp executor, two worker processes): TP=2 gives
-the output of TP=1 for every method, each rank attending sparsely over its own KV head.
+the output of TP=1 for every method, each rank attending sparsely over its own KV head
+(SparseK also freeing pages on both ranks at once).
 
 Each rank selects for the KV heads it holds and no collective is added, so decisions
 (Radar's page top-k, Recycled's refresh schedule and recycled tokens) are the same as in
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.e2e
 METHODS = {
     "radar": {"budget": 64, "radar": {"local_window": 32}},
     "recycled": {"budget": 64, "recycled": {"check_every": 2, "similarity_threshold": 0.95}},
+    "sparsek": {"budget": 80},            # + the scorer file (`_config`); evicts pages
 }
 SCRIPT = r"""
 import json, sys
@@ -48,21 +50,36 @@ def layer_stats(model):
             for i in impls]
 
 
-def _run(model, method, tp):
+def _config(method, tmp_path) -> dict:
+    """The method's config; SparseK gets tests/e2e/test_sparsek.py's random scorer (k = 48,
+    window 32), whose decisions are per KV head, so each rank keeps its head's slots and the
+    eviction channel ANDs the ranks' pages."""
+    config = dict(METHODS[method])
+    if method == "sparsek":
+        from tests.e2e.test_sparsek import random_scorer
+
+        path = tmp_path / "scorer.safetensors"
+        random_scorer().save(path)
+        config["sparsek"] = {"scorer": str(path)}
+    return config
+
+
+def _run(model, method, tp, config):
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == 2 else "auto",
                VLLM_ALLOW_INSECURE_SERIALIZATION="1",   # apply_model pickles the function
                PYTHONPATH=ROOT)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, model, method,
-                           json.dumps(METHODS[method]), str(tp)],
+                           json.dumps(config), str(tp)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1].splitlines()[0])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_tp2_equals_tp1(tiny_model, method):
-    one, two = _run(tiny_model, method, 1), _run(tiny_model, method, 2)
+def test_tp2_equals_tp1(tiny_model, method, tmp_path):
+    config = _config(method, tmp_path)
+    one, two = _run(tiny_model, method, 1, config), _run(tiny_model, method, 2, config)
     assert two["tokens"] == one["tokens"]
     assert len(two["stats"]) == 2                       # two ranks
     for rank in two["stats"]:

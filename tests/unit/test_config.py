@@ -62,9 +62,23 @@ def test_backend_and_config_method_must_agree():
         cfg.resolve(["m"], UNKNOWN_FP, {"method": "nats"}, "radar")
 
 
-def test_unimplemented_method_fails_loudly():
-    with pytest.raises(NotImplementedError, match="sparsek is not implemented yet"):
+def test_sparsek_needs_a_scorer_and_an_integer_budget(tmp_path):
+    with pytest.raises(ValueError, match="sparsek needs a scorer trained for the model"):
         cfg.resolve(["m"], UNKNOWN_FP, {"method": "sparsek"}, None)
+    with pytest.raises(FileNotFoundError, match="sparsek scorer file .*missing.safetensors"):
+        cfg.resolve(["m"], UNKNOWN_FP, {"sparsek": {"scorer": str(tmp_path / "missing.safetensors")}},
+                    "sparsek")
+    scorer = tmp_path / "s.safetensors"
+    scorer.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"budget=0.5 must be an integer token count"):
+        cfg.resolve(["m"], UNKNOWN_FP, {"budget": 0.5, "sparsek": {"scorer": str(scorer)}},
+                    "sparsek")
+    with pytest.raises(NotImplementedError, match="per-layer overrides .* not supported with sparsek"):
+        cfg.resolve(["m"], UNKNOWN_FP, {"sparsek": {"scorer": str(scorer)},
+                                        "layers": {0: {"method": "dense"}}}, "sparsek")
+    config, _ = cfg.resolve(["m"], UNKNOWN_FP, {"budget": 96, "sparsek": {"scorer": str(scorer)}},
+                            "sparsek")
+    assert config.sparsek.scorer_path() == scorer and config.budget == 96
 
 
 def test_recycled_defaults_and_overrides():

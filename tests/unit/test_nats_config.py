@@ -98,7 +98,7 @@ def test_layer_overrides_are_refused(gates_path):
 def test_gates_must_match_the_model(gates_path, model, message):
     gates = NatsGates.load(gates_path)
     check_model(gates, gates_path, 4, 2, 64)
-    with pytest.raises(ValueError, match=message + r"; allowed: gates trained for this model"):
+    with pytest.raises(ValueError, match=message + r"; allowed: weights trained for this model"):
         check_model(gates, gates_path, *model)
 
 

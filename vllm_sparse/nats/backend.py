@@ -54,15 +54,16 @@ def load_gates(config: NatsConfig) -> tuple[NatsGates, Path]:
     return gates, path
 
 
-def check_model(gates: NatsGates, path, num_layers: int, num_kv_heads: int,
-                head_size: int) -> None:
-    """Gates must be made for this model (all of its KV heads, before TP slicing)."""
+def check_model(gates, path, num_layers: int, num_kv_heads: int, head_size: int,
+                what: str = "nats gates") -> None:
+    """Trained weights (`NatsGates`, `SparseKScorer`) must be made for this model (all of
+    its KV heads, before TP slicing)."""
     for name, have, model in (("layers", gates.num_layers, num_layers),
                               ("KV heads", gates.num_kv_heads, num_kv_heads),
                               ("head size", gates.head_size, head_size)):
         if have != model:
-            raise ValueError(f"vllm_sparse: nats gates {path} have {name}={have}, the model "
-                             f"has {model}; allowed: gates trained for this model "
+            raise ValueError(f"vllm_sparse: {what} {path} have {name}={have}, the model "
+                             f"has {model}; allowed: weights trained for this model "
                              f"({num_layers} layers, {num_kv_heads} KV heads, head size "
                              f"{head_size})")
 
@@ -72,7 +73,7 @@ def rank_heads(total: int, local: int, tp_rank: int, tp_size: int) -> slice:
     contiguous slices, or one replicated head each when total < tp_size)."""
     if total >= tp_size:
         if total != local * tp_size:
-            raise ValueError(f"vllm_sparse: nats: {local} KV heads per rank x {tp_size} ranks "
+            raise ValueError(f"vllm_sparse: {local} KV heads per rank x {tp_size} ranks "
                              f"!= {total} KV heads")
         return slice(tp_rank * local, (tp_rank + 1) * local)
     head = tp_rank // (tp_size // total)

@@ -1,0 +1,204 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`--attention-backend sparsek`: SparseK attention with compacted, constant KV memory.
+
+Each forward, per layer: write K/V; prefill rows attend by the rule of
+`vllm_sparse.sparsek.scorer` (window + top-k by score with SPARSEK's value weights, the
+transformers function of training, `hf_attention.attend`, on the row's context); decode
+rows let the policy (`vllm_sparse.sparsek.policy`) compact or update the request's k slots
+per KV head, then attend the slots (weights p) and the window; every step reports the pages
+between the slots and the window to the eviction channel, so vLLM frees them and a
+request holds about (k + W) / block_size + 2 pages however long it runs. Decode reads
+only the slots and the window, never a freed page.
+
+The scorer file is loaded and checked against the model at start-up (layers, KV heads,
+head size, window); k = budget - window. Mechanism: pure torch (gathers and einsum) on
+every device; K/V writes use the Triton kernel on CUDA.
+"""
+
+import functools
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from vllm.config import get_current_vllm_config
+from vllm_sparse import reference
+from vllm_sparse.backend import (SparseAttentionBackend, SparseAttentionImpl, SparseMetadata,
+                                 SparseMetadataBuilder, _layer_index)
+from vllm_sparse.config import SparseConfig, resolve_from_vllm
+from vllm_sparse.eviction import channel
+from vllm_sparse.mechanism import make_mechanism, resolve_kernels
+from vllm_sparse.nats.backend import check_model, rank_heads
+from vllm_sparse.sparsek import hf_attention
+from vllm_sparse.sparsek.policy import SparseKPolicy
+from vllm_sparse.sparsek.scorer import SparseKScorer
+
+PREFILL_QUERY_BLOCK = 256
+"""Prefill queries per block (bounds the [Hkv, Q, context] masks)."""
+
+
+@functools.cache
+def _load(path: str, mtime: float) -> SparseKScorer:
+    return SparseKScorer.load(path)
+
+
+def load_scorer(config: SparseConfig) -> tuple[SparseKScorer, Path, int]:
+    """The configured scorer (cached per file) with its window checked, and k."""
+    path = config.sparsek.scorer_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"vllm_sparse: sparsek scorer file {path} does not exist")
+    scorer = _load(str(path), path.stat().st_mtime)
+    wanted = config.sparsek.window
+    if wanted is not None and wanted != scorer.window:
+        raise ValueError(f"vllm_sparse: sparsek.window={wanted} contradicts the scorer file "
+                         f"{path} (window={scorer.window}); the file is the source of truth: "
+                         f"remove sparsek.window or set it to {scorer.window}")
+    k = config.budget - scorer.window
+    if k < 1:
+        raise ValueError(f"vllm_sparse: sparsek budget={config.budget} leaves no room for the "
+                         f"top-k after the scorer's window of {scorer.window} tokens; allowed: "
+                         f"budget >= {scorer.window + 1} (k = budget - window)")
+    return scorer, path, k
+
+
+class SparseKMetadataBuilder(SparseMetadataBuilder):
+    """The shared metadata, plus the eviction channel's block size."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        channel.WORKER.expect_block_size(kv_cache_spec.block_size)
+
+
+class SparseKImpl(SparseAttentionImpl):
+    """SparseK attention for one layer.
+
+    forward: query [T, Hq, D], key/value [T, Hkv, D], kv_cache [num_blocks, Hkv,
+    block_size, 2D], output [T, Hq, D]; reports evictable [B, num_pages] pages per step.
+    """
+
+    method: ClassVar[str | None] = "sparsek"
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, *args, **kwargs):
+        super().__init__(num_heads, head_size, scale, num_kv_heads, *args, **kwargs)
+        from vllm.distributed import (get_tensor_model_parallel_rank,
+                                      get_tensor_model_parallel_world_size)
+
+        model = get_current_vllm_config().model_config
+        self.scorer, path, self.k = load_scorer(self.config)
+        total = model.get_total_num_kv_heads()
+        check_model(self.scorer, path, model.hf_text_config.num_hidden_layers, total,
+                    self.head_size, what="sparsek scorer")
+        self.heads = rank_heads(total, self.num_kv_heads, get_tensor_model_parallel_rank(),
+                                get_tensor_model_parallel_world_size())
+        self.sparsek: SparseKPolicy | None = None
+
+    def _bind_layer(self, layer_name: str, kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
+        self.mechanism = make_mechanism(resolve_kernels(self.config.kernels, kv_cache.device, dtype))
+        self.layer_method = "sparsek"
+        index = _layer_index(layer_name)
+        if index is None or not 0 <= index < self.scorer.num_layers:
+            raise ValueError(f"vllm_sparse: sparsek cannot find the layer index of "
+                             f"{layer_name!r} (the scorer holds layers 0..."
+                             f"{self.scorer.num_layers - 1})")
+        weight, bias, slope = (t[self.heads].to(kv_cache.device)
+                               for t in self.scorer.layer(index))
+        self.sparsek = SparseKPolicy(weight, bias, slope, self.k, self.scorer.window)
+        self._sparsek_kernels = "torch" if self.mechanism.name == "torch" else "auto"
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vllm_sparse: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        if self.sparsek is None:
+            self._bind_layer(layer.layer_name, kv_cache, query.dtype)
+        md: SparseMetadata = attn_metadata
+        if md.request_keys is None:
+            raise RuntimeError("vllm_sparse: sparsek keeps per-request state and got no request "
+                               "identity from the model runner (needs vLLM's V1 model runner)")
+        n = md.num_actual_tokens
+        self.mechanism.write_kv(kv_cache, key[:n], value[:n], md.slot_mapping)
+        self.sparsek.forget(md.live_requests)
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        for row in md.prefill_rows:
+            self._prefill_row(row, query, kv_cache, md, out)
+        if md.decode_rows.numel():
+            self._decode(query, kv_cache, md, out)
+        self._report(layer.layer_name, md, kv_cache)
+        return output
+
+    def _prefill_row(self, row: int, query, kv_cache, md: SparseMetadata, out) -> None:
+        """The row's queries attend by the rule over the tokens at their own positions."""
+        start, end = md.query_start_loc[row], md.query_start_loc[row + 1]
+        seq_len = md.seq_lens_cpu[row]
+        self.sparsek.begin_prefill(md.request_key(row), seq_len - (end - start), seq_len)
+        positions = torch.arange(seq_len, device=query.device).expand(1, self.num_kv_heads, -1)
+        key, value = reference.gather_kv(kv_cache, md.block_table[row][None], positions)
+        u = self.sparsek.scores(key[0], value[0], 0)
+        result, _ = hf_attention.attend(query[start:end].transpose(0, 1), key[0], value[0], u,
+                                        self.k, self.sparsek.window, self.scale,
+                                        PREFILL_QUERY_BLOCK, kernels=self._sparsek_kernels)
+        out[start:end] = result.transpose(0, 1)
+
+    def _decode(self, query, kv_cache, md: SparseMetadata, out) -> None:
+        """Decode rows attend their slots (weights p) and their window (weight 1)."""
+        rows = md.decode_rows.tolist()
+        window = self.sparsek.window
+        lists, weights = [], []
+        for r in rows:
+            position = md.seq_lens_cpu[r] - 1
+            m, slot_weights = self.sparsek.decode(md.request_key(r), position, kv_cache,
+                                                  md.block_table[r])
+            recent = torch.arange(max(m, position - window + 1), position + 1,
+                                  device=query.device)
+            lists.append(torch.cat([torch.arange(m, device=query.device), recent]))
+            weights.append(torch.cat([slot_weights,
+                                      slot_weights.new_ones(self.num_kv_heads, len(recent))], 1))
+        width = max(len(t) for t in lists)
+        positions = torch.zeros(len(rows), self.num_kv_heads, width, dtype=torch.long,
+                                device=query.device)
+        value_weights = torch.zeros(len(rows), self.num_kv_heads, width, device=query.device)
+        valid = torch.zeros(len(rows), self.num_kv_heads, width, dtype=torch.bool,
+                            device=query.device)
+        for i, (t, w) in enumerate(zip(lists, weights)):
+            positions[i, :, : len(t)], value_weights[i, :, : len(t)] = t, w
+            valid[i, :, : len(t)] = True
+        key, value = reference.gather_kv(kv_cache, md.block_table[md.decode_rows], positions)
+        out[md.decode_token_index] = reference.attend(query[md.decode_token_index], key, value,
+                                                      valid, self.scale, value_weights)[0]
+        self._count(valid, md.seq_lens[md.decode_rows], 0)
+
+    def _report(self, layer_name: str, md: SparseMetadata, kv_cache) -> None:
+        num_pages, block_size = md.block_table.shape[1], kv_cache.shape[2]
+        evictable = torch.stack([
+            self.sparsek.evictable_pages(md.request_key(row), block_size, num_pages,
+                                         kv_cache.device)
+            for row in range(len(md.seq_lens_cpu))])
+        channel.WORKER.report(layer_name, md, evictable, block_size)
+
+
+class SparseKBackend(SparseAttentionBackend):
+    """`--attention-backend sparsek`: SparseK with an evicting KV-cache spec (pages outside
+    every request's k slots and window return to vLLM's block pool)."""
+
+    method: ClassVar[str | None] = "sparsek"
+
+    @staticmethod
+    def get_name() -> str:
+        return "SPARSEK"
+
+    @staticmethod
+    def get_impl_cls():
+        return SparseKImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return SparseKMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec):
+        from vllm_sparse.eviction.cache import evicting_spec
+
+        return evicting_spec(spec)
