@@ -2,7 +2,8 @@
 """End-to-end decode speed of every method next to dense, in one run, on the real engine.
 
     python benchmarks/speed.py [--contexts 2048,4096,7680] [--batches 1,8] [--tokens 32]
-                               [--methods radar,recycled,streaming] [--budget 0.25] [--small]
+                               [--methods radar,recycled,streaming,nats,sparsek] [--budget 0.25]
+                               [--small] [--merge]
 
 Dense is vLLM's own backend (CPU_ATTN on CPU, FLASH_ATTN on CUDA). Each sparse method
 gets the same token budget, `--budget` times the context. For each (context, batch):
@@ -10,6 +11,9 @@ time to first token (until every request of the batch has its first token) and d
 tokens/s (the tokens generated after that, over their time: decode steps only), from one
 generation stepped through the engine, and the ratio to dense measured in the same run. SmolLM2-135M, float32 on CPU (bf16 GEMMs are slow on CPUs without AMX).
 Results: benchmarks/results/speed[_small].json (rows of another device are kept).
+--merge: keep this device's stored run and replace only the cells (context, batch) measured
+now, every method of a cell coming from one run (ratios stay side by side); `merged` in the
+run lists what was replaced by which command and date.
 """
 
 import argparse
@@ -23,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from results_io import command_line, save_run  # noqa: E402
+from results_io import command_line, read_runs, save_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,7 +46,27 @@ def sparse_config(method: str, budget: int) -> tuple[str, dict]:
     if method == "streaming":   # StreamingLLM: 4 sinks + recent window, no selected pages
         return "radar", {"budget": budget, "radar": {"num_sink_tokens": 4,
                                                      "local_window": budget - 4}}
+    if method == "nats":        # learned token types: no budget
+        return "nats", {}
     return method, {"budget": budget}
+
+
+def merge_cells(old: dict | None, new: dict) -> dict:
+    """`new`'s cells (context, batch) replace the same cells of the stored run `old`, all
+    methods of a cell together; other cells of `old` are kept. Both must share tokens, model
+    and dtype."""
+    if old is None:
+        return new
+    for key in ("new_tokens", "model", "dtype"):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"speed --merge: {key} {old.get(key)!r} (stored) vs {new.get(key)!r}; "
+                             "rerun without --merge to replace the stored run")
+    cells = {(r["context"], r["batch"]) for r in new["rows"]}
+    rows = [r for r in old["rows"] if (r["context"], r["batch"]) not in cells] + new["rows"]
+    rows.sort(key=lambda r: (r["method"] != "dense", r["method"], r["context"], r["batch"]))
+    entry = {"date": new["date"], "command": new["command"], "cells": sorted(cells),
+             "methods": sorted({r["method"] for r in new["rows"]})}
+    return {**old, "rows": rows, "merged": [*old.get("merged", []), entry]}
 
 
 def prompts(model: str, context: int, batch: int):
@@ -103,10 +127,12 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--contexts", default="2048,4096,7680")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--methods", default="radar,recycled,streaming")
+    parser.add_argument("--methods", default="radar,recycled,streaming,nats,sparsek")
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--small", action="store_true", help="CI: 1K context, batch 2, 8 tokens")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the measured cells of this device's stored run")
     args = parser.parse_args()
     if args.small:
         args.contexts, args.batches, args.tokens = "1024", "2", 8
@@ -132,7 +158,7 @@ def main() -> None:
             for batch in batches:
                 bar.set_postfix(method=method, context=context, batch=batch)
                 rows.append({"method": method, "context": context, "batch": batch,
-                             "budget": None if method == "dense" else budget,
+                             "budget": None if method in ("dense", "nats") else budget,
                              **measure(llm, inputs[(context, batch)], args.tokens)})
                 bar.update()
             if method != "dense":
@@ -160,6 +186,9 @@ def main() -> None:
               "model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": args.tokens,
               "rows": rows}
     path = RESULTS / f"speed{'_small' if args.small else ''}.json"
+    if args.merge:
+        stored = [r for r in read_runs(path) if r.get("device") == device]
+        record = merge_cells(stored[0] if stored else None, record)
     save_run(path, record)  # keeps other devices' runs
     print(f"wrote {path}")
 

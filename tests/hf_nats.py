@@ -9,8 +9,8 @@ in float64. Nothing is kept between calls and nothing of the backend is used.
 """
 
 import torch
-from transformers import AutoModelForCausalLM
-from transformers.modeling_utils import AttentionInterface
+
+from tests.hf_teacher import teacher_forced
 
 from vllm_sparse.nats import gates as G
 
@@ -61,21 +61,7 @@ def _local_ended(types: torch.Tensor) -> int:
 
 
 def score(model_dir: str, gates: G.NatsGates, prompt_ids: list[int], generated: list[int]):
-    """Teacher-forced greedy check of a generation: feeds the prompt, then each generated
-    token one decode step at a time. Returns, for each generated token, (log-prob of that
-    token, the reference's argmax, its top-2 log-prob margin), and the oracle."""
+    """Teacher-forced greedy check of a generation (`hf_teacher.teacher_forced`): per
+    generated token (log-prob, the reference's argmax, its top-2 margin), and the oracle."""
     oracle = NatsOracleAttention(gates)
-    AttentionInterface.register("nats_oracle", oracle)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 attn_implementation="nats_oracle").eval()
-    ids, past, rows = torch.tensor([prompt_ids]), None, []
-    with torch.no_grad():
-        for token in generated:
-            out = model(ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logp = out.logits[0, -1].double().log_softmax(-1)
-            top = logp.topk(2)
-            rows.append((float(logp[token]), int(top.indices[0]),
-                         float(top.values[0] - top.values[1])))
-            ids = torch.tensor([[token]])
-    return rows, oracle
+    return teacher_forced(model_dir, "nats_oracle", oracle, prompt_ids, generated), oracle

@@ -198,24 +198,39 @@ class SparseAttentionImpl(AttentionImpl):
         elif self.layer_method == "recycled":
             self.recycled = RecycledPolicy(self.config.recycled, self.num_kv_heads)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
+    def _begin(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+               output_block_scale):
+        """Shared start of every forward: checks, the layer's binding on its first real
+        forward, the K/V write. -> (metadata, query [n, Hq, D], out [n, Hq, D] view of
+        output), or None for vLLM's profiling run (output zeroed)."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("vllm_sparse: fused output quantization is not supported")
         if attn_metadata is None:  # profiling run
-            return output.fill_(0)
+            output.fill_(0)
+            return None
         if self.mechanism is None:
             self._bind_layer(layer.layer_name, kv_cache, query.dtype)
         md: SparseMetadata = attn_metadata
         n = md.num_actual_tokens
         self.mechanism.write_kv(kv_cache, key[:n], value[:n], md.slot_mapping)
+        return (md, query[:n].view(n, self.num_heads, self.head_size),
+                output[:n].view(n, self.num_heads, self.head_size))
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        step = self._begin(layer, query, key, value, kv_cache, attn_metadata, output,
+                           output_scale, output_block_scale)
+        if step is not None:
+            self._step(layer, *step, kv_cache)
+        return output
+
+    def _step(self, layer, md: SparseMetadata, query, out, kv_cache) -> None:
+        """One step of the layer after the K/V write: query, out [n, Hq, D]."""
         if self.policy is not None:
             self.policy.observe_write(kv_cache, md.slot_mapping)
-        query = query[:n].view(n, self.num_heads, self.head_size)
-        out = output[:n].view(n, self.num_heads, self.head_size)
         if self.recycled is not None:
             self._forward_recycled(query, kv_cache, md, out)
-            return output
+            return
         if md.prefill_rows:
             self._prefill(query, kv_cache, md, out)
         if md.decode_rows.numel():
@@ -223,7 +238,6 @@ class SparseAttentionImpl(AttentionImpl):
             seq_lens = md.seq_lens[md.decode_rows]
             out[md.decode_token_index] = self._attend_as_decode(
                 q, seq_lens, md.block_table[md.decode_rows], kv_cache)
-        return output
 
     def _dense_prefill(self, query, kv_cache, md: SparseMetadata, out) -> None:
         rows = md.prefill_rows

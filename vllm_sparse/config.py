@@ -126,6 +126,18 @@ class RecycledConfig(_Strict):
         return value
 
 
+def _weights_path(value: str | None, method: str, key: str, missing: str) -> Path:
+    """A method's trained-weights file `method.key`, resolved (relative paths are relative
+    to `configs/`); an error naming the key when it is not set."""
+    if value is None:
+        raise ValueError(
+            f"vllm_sparse: {method} needs {missing}; set {method}.{key} (a safetensors path, "
+            "absolute or relative to configs/) in the model's configs/*.yaml or in "
+            f"--additional-config '{{\"vllm_sparse\": {{\"{method}\": {{\"{key}\": PATH}}}}}}'")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else config_dir() / path
+
+
 class NatsConfig(_Strict):
     """NAtS (Deng, Lindauer; arXiv 2502.13251): learned per-chunk token types, KV eviction.
 
@@ -149,14 +161,8 @@ class NatsConfig(_Strict):
 
     def gates_path(self) -> Path:
         """The gates file, resolved (relative paths are relative to `configs/`)."""
-        if self.gates is None:
-            raise ValueError(
-                "vllm_sparse: nats needs gates trained for the model and none are configured; "
-                "set nats.gates (a safetensors path, absolute or relative to configs/) in the "
-                "model's configs/*.yaml or in --additional-config "
-                "'{\"vllm_sparse\": {\"nats\": {\"gates\": PATH}}}'")
-        path = Path(self.gates).expanduser()
-        return path if path.is_absolute() else config_dir() / path
+        return _weights_path(self.gates, "nats", "gates", "gates trained for the model and "
+                             "none are configured")
 
 
 class SparseKConfig(_Strict):
@@ -180,14 +186,8 @@ class SparseKConfig(_Strict):
 
     def scorer_path(self) -> Path:
         """The scorer file, resolved (relative paths are relative to `configs/`)."""
-        if self.scorer is None:
-            raise ValueError(
-                "vllm_sparse: sparsek needs a scorer trained for the model and none is "
-                "configured; set sparsek.scorer (a safetensors path, absolute or relative to "
-                "configs/) in the model's configs/*.yaml or in --additional-config "
-                "'{\"vllm_sparse\": {\"sparsek\": {\"scorer\": PATH}}}'")
-        path = Path(self.scorer).expanduser()
-        return path if path.is_absolute() else config_dir() / path
+        return _weights_path(self.scorer, "sparsek", "scorer", "a scorer trained for the model "
+                             "and none is configured")
 
 
 class LayerOverride(_Strict):
@@ -389,17 +389,24 @@ def resolve(names: list[str], fingerprint: dict, override: Any,
     return config, _describe(config, file_name, file_data, override, backend_method)
 
 
-def _check_nats(config: SparseConfig, file_name, file_data: dict, override: dict) -> None:
-    """NAtS at start-up: gates configured and present, no per-layer methods, budget unused."""
+def _check_trained(config: SparseConfig, method: str, key: str, what: str, path: Path) -> None:
+    """An evicting method with trained weights: no per-layer methods (every layer evicts with
+    its own weights), and the weights file `method.key` present."""
     if config.layers:
         raise NotImplementedError(
-            "vllm_sparse: per-layer overrides (layers) are not supported with nats: its gates "
-            f"decide per layer (got layers={sorted(config.layers)}); remove them")
-    path = config.nats.gates_path()
+            f"vllm_sparse: per-layer overrides (layers) are not supported with {method}: every "
+            f"layer evicts with its own trained {what} (got layers={sorted(config.layers)}); "
+            "remove them")
     if not path.is_file():
-        raise FileNotFoundError(f"vllm_sparse: nats gates file {path} (nats.gates="
-                                f"{config.nats.gates!r}) does not exist; train gates for this "
-                                "model (vllm_sparse.train) or fix the path")
+        value = getattr(getattr(config, method), key)
+        raise FileNotFoundError(f"vllm_sparse: {method} {what} file {path} ({method}.{key}="
+                                f"{value!r}) does not exist; train {what} for this model "
+                                f"(python -m vllm_sparse.train {method}) or fix the path")
+
+
+def _check_nats(config: SparseConfig, file_name, file_data: dict, override: dict) -> None:
+    """NAtS at start-up: gates configured and present, no per-layer methods, budget unused."""
+    _check_trained(config, "nats", "gates", "gates", config.nats.gates_path())
     if "budget" in override or "budget" in file_data:
         source = "--additional-config" if "budget" in override else f"configs/{file_name}"
         key = f"nats-budget:{config.budget}:{source}"
@@ -412,16 +419,7 @@ def _check_nats(config: SparseConfig, file_name, file_data: dict, override: dict
 def _check_sparsek(config: SparseConfig) -> None:
     """SparseK at start-up: scorer configured and present, no per-layer methods, an integer
     budget (k = budget - window is constant; the window is checked with the file)."""
-    if config.layers:
-        raise NotImplementedError(
-            "vllm_sparse: per-layer overrides (layers) are not supported with sparsek: every "
-            f"layer evicts (got layers={sorted(config.layers)}); remove them")
-    path = config.sparsek.scorer_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"vllm_sparse: sparsek scorer file {path} (sparsek.scorer="
-                                f"{config.sparsek.scorer!r}) does not exist; train a scorer "
-                                "for this model (python -m vllm_sparse.train sparsek) or fix "
-                                "the path")
+    _check_trained(config, "sparsek", "scorer", "scorer", config.sparsek.scorer_path())
     if not isinstance(config.budget, int):
         raise ValueError(f"vllm_sparse: sparsek keeps a constant number of tokens per KV head: "
                          f"budget={config.budget!r} must be an integer token count (k = budget - "

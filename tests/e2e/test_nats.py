@@ -148,16 +148,22 @@ def random_engine(tiny_model, gate_files):
     del llm
 
 
-@pytest.fixture(scope="module")
-def random_run(tiny_model, random_engine):
-    prompt = ev._prompt_ids(tiny_model, 20000, 1536)
-    llm = random_engine
+def counted_run(llm, prompts, max_tokens):
+    """`_run`, plus the decode (KV head, token) pairs attended and the context they had,
+    summed over layers, during this run."""
     before = [(s.attended_tokens, s.context_tokens) for s in _stats(llm)]
-    result = _run(llm, [prompt], NEW_TOKENS)
+    result = _run(llm, prompts, max_tokens)
     after = _stats(llm)
     result["attended"] = sum(s.attended_tokens - b[0] for s, b in zip(after, before))
     result["context"] = sum(s.context_tokens - b[1] for s, b in zip(after, before))
-    result["evicted"] = _evicted(llm)
+    return result
+
+
+@pytest.fixture(scope="module")
+def random_run(tiny_model, random_engine):
+    prompt = ev._prompt_ids(tiny_model, 20000, 1536)
+    result = counted_run(random_engine, [prompt], NEW_TOKENS)
+    result["evicted"] = _evicted(random_engine)
     return prompt, result
 
 

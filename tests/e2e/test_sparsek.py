@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.e2e import test_eviction as ev
-from tests.e2e.test_nats import _metric, _run, _stats
+from tests.e2e.test_nats import _run, _stats, counted_run
 
 pytestmark = pytest.mark.e2e
 
@@ -96,13 +96,7 @@ def random_engine(tiny_model, scorer_file):
 @pytest.fixture(scope="module")
 def random_run(tiny_model, random_engine):
     prompt = ev._prompt_ids(tiny_model, 20000, 700)
-    llm = random_engine
-    before = [(s.attended_tokens, s.context_tokens) for s in _stats(llm)]
-    result = _run(llm, [prompt], 64)
-    after = _stats(llm)
-    result["attended"] = sum(s.attended_tokens - b[0] for s, b in zip(after, before))
-    result["context"] = sum(s.context_tokens - b[1] for s, b in zip(after, before))
-    return prompt, result
+    return prompt, counted_run(random_engine, [prompt], 64)
 
 
 def test_random_scorer_equals_hf_reference(tiny_model, random_run):
@@ -169,7 +163,7 @@ def test_kv_held_bounded_2k_prompt_2k_generated(tiny_model, random_engine):
     ("small", f"budget={WINDOW} leaves no room for the top-k after the scorer's window of "
               f"{WINDOW} tokens; allowed: budget >= {WINDOW + 1}"),
     ("heads", "have KV heads=3, the model has 2; allowed: weights trained for this model"),
-    ("window", f"sparsek.window=16 contradicts the scorer file"),
+    ("window", "sparsek.window=16 contradicts the scorer file"),
 ])
 def test_bad_config_fails_at_start_up(tiny_model, tmp_path, scorer_file, case, message):
     from vllm import LLM

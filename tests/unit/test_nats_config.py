@@ -8,7 +8,8 @@ import logging
 import pytest
 
 from vllm_sparse import config as cfg
-from vllm_sparse.nats.backend import check_model, load_gates, rank_heads
+from vllm_sparse.eviction.impl import check_model, rank_heads
+from vllm_sparse.nats.backend import load_gates
 from vllm_sparse.nats.gates import NatsGates
 
 FP = {"architecture": "LlamaForCausalLM", "num_hidden_layers": 4, "hidden_size": 256,
@@ -97,9 +98,10 @@ def test_layer_overrides_are_refused(gates_path):
 ])
 def test_gates_must_match_the_model(gates_path, model, message):
     gates = NatsGates.load(gates_path)
-    check_model(gates, gates_path, 4, 2, 64)
-    with pytest.raises(ValueError, match=message + r"; allowed: weights trained for this model"):
-        check_model(gates, gates_path, *model)
+    check_model(gates, gates_path, 4, 2, 64, "nats gates")
+    with pytest.raises(ValueError, match=r"nats gates .* have " + message +
+                       r"; allowed: weights trained for this model"):
+        check_model(gates, gates_path, *model, "nats gates")
 
 
 def test_tensor_parallel_ranks_take_their_kv_heads():

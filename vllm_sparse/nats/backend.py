@@ -19,13 +19,11 @@ from typing import ClassVar
 
 import torch
 
-from vllm.config import get_current_vllm_config
 from vllm_sparse import reference
-from vllm_sparse.backend import (SparseAttentionBackend, SparseAttentionImpl, SparseMetadata,
-                                 SparseMetadataBuilder, _layer_index)
+from vllm_sparse.backend import SparseAttentionBackend, SparseMetadata, SparseMetadataBuilder
 from vllm_sparse.config import NatsConfig, resolve_from_vllm
 from vllm_sparse.eviction import channel
-from vllm_sparse.mechanism import make_mechanism, resolve_kernels
+from vllm_sparse.eviction.impl import EvictingImpl
 from vllm_sparse.nats.gates import NatsGates
 from vllm_sparse.nats.policy import NatsPolicy, check_block_size
 
@@ -54,32 +52,6 @@ def load_gates(config: NatsConfig) -> tuple[NatsGates, Path]:
     return gates, path
 
 
-def check_model(gates, path, num_layers: int, num_kv_heads: int, head_size: int,
-                what: str = "nats gates") -> None:
-    """Trained weights (`NatsGates`, `SparseKScorer`) must be made for this model (all of
-    its KV heads, before TP slicing)."""
-    for name, have, model in (("layers", gates.num_layers, num_layers),
-                              ("KV heads", gates.num_kv_heads, num_kv_heads),
-                              ("head size", gates.head_size, head_size)):
-        if have != model:
-            raise ValueError(f"vllm_sparse: {what} {path} have {name}={have}, the model "
-                             f"has {model}; allowed: weights trained for this model "
-                             f"({num_layers} layers, {num_kv_heads} KV heads, head size "
-                             f"{head_size})")
-
-
-def rank_heads(total: int, local: int, tp_rank: int, tp_size: int) -> slice:
-    """This rank's KV heads among the model's `total` (vLLM's QKVParallelLinear split:
-    contiguous slices, or one replicated head each when total < tp_size)."""
-    if total >= tp_size:
-        if total != local * tp_size:
-            raise ValueError(f"vllm_sparse: {local} KV heads per rank x {tp_size} ranks "
-                             f"!= {total} KV heads")
-        return slice(tp_rank * local, (tp_rank + 1) * local)
-    head = tp_rank // (tp_size // total)
-    return slice(head, head + 1)
-
-
 def _gates_for(vllm_config) -> tuple[NatsGates, Path]:
     return load_gates(resolve_from_vllm(vllm_config, "nats").nats)
 
@@ -94,62 +66,28 @@ class NatsMetadataBuilder(SparseMetadataBuilder):
         channel.WORKER.expect_block_size(kv_cache_spec.block_size)
 
 
-class NatsImpl(SparseAttentionImpl):
-    """NAtS attention for one layer.
-
-    forward: query [T, Hq, D], key/value [T, Hkv, D], kv_cache [num_blocks, Hkv,
-    block_size, 2D], output [T, Hq, D]; reports evictable [B, num_pages] pages per step.
-    """
+class NatsImpl(EvictingImpl):
+    """NAtS attention for one layer (shapes: `EvictingImpl`)."""
 
     method: ClassVar[str | None] = "nats"
+    weights_name = "nats gates"
 
-    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, *args, **kwargs):
-        super().__init__(num_heads, head_size, scale, num_kv_heads, *args, **kwargs)
-        from vllm.distributed import (get_tensor_model_parallel_rank,
-                                      get_tensor_model_parallel_world_size)
+    def _load_weights(self):
+        return load_gates(self.config.nats)
 
-        model = get_current_vllm_config().model_config
-        self.gates, path = load_gates(self.config.nats)
-        total = model.get_total_num_kv_heads()
-        check_model(self.gates, path, model.hf_text_config.num_hidden_layers, total,
-                    self.head_size)
-        self.heads = rank_heads(total, self.num_kv_heads, get_tensor_model_parallel_rank(),
-                                get_tensor_model_parallel_world_size())
-        self.nats: NatsPolicy | None = None
-
-    def _bind_layer(self, layer_name: str, kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
-        self.mechanism = make_mechanism(resolve_kernels(self.config.kernels, kv_cache.device, dtype))
-        self.layer_method = "nats"
-        index = _layer_index(layer_name)
-        if index is None or not 0 <= index < self.gates.num_layers:
-            raise ValueError(f"vllm_sparse: nats cannot find the layer index of {layer_name!r} "
-                             f"(gates hold layers 0..{self.gates.num_layers - 1})")
-        weight, bias = self.gates.layer(index)
-        device = kv_cache.device
+    def _bind_policy(self, index: int, device: torch.device) -> None:
+        weight, bias = self.weights.layer(index)
         self.nats = NatsPolicy(weight[self.heads].to(device), bias[self.heads].to(device),
-                               self.gates.chunk_size, self.gates.window)
+                               self.weights.chunk_size, self.weights.window)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("vllm_sparse: fused output quantization is not supported")
-        if attn_metadata is None:  # profiling run
-            return output.fill_(0)
-        if self.nats is None:
-            self._bind_layer(layer.layer_name, kv_cache, query.dtype)
-        md: SparseMetadata = attn_metadata
-        n = md.num_actual_tokens
-        self.mechanism.write_kv(kv_cache, key[:n], value[:n], md.slot_mapping)
+    def _attend(self, md: SparseMetadata, query, kv_cache, out) -> torch.Tensor:
         self.nats.forget(md.live_requests)
-        query = query[:n].view(n, self.num_heads, self.head_size)
-        out = output[:n].view(n, self.num_heads, self.head_size)
         types = [self._update_types(row, md, kv_cache) for row in range(len(md.seq_lens_cpu))]
         for row in md.prefill_rows:
             self._prefill_row(row, types[row], query, kv_cache, md, out)
         if md.decode_rows.numel():
             self._decode(types, query, kv_cache, md, out)
-        self._report(layer.layer_name, types, md, kv_cache)
-        return output
+        return self._evictable(types, md, kv_cache)
 
     # ------------------------------------------------------------ policy
     def _update_types(self, row: int, md: SparseMetadata, kv_cache) -> torch.Tensor:
@@ -176,14 +114,14 @@ class NatsImpl(SparseAttentionImpl):
                                    positions.expand(1, self.num_kv_heads, -1))
         return k[0], v[0]
 
-    def _report(self, layer_name: str, types, md: SparseMetadata, kv_cache) -> None:
+    def _evictable(self, types, md: SparseMetadata, kv_cache) -> torch.Tensor:
         num_pages = md.block_table.shape[1]
         evictable = torch.zeros(len(types), num_pages, dtype=torch.bool, device=kv_cache.device)
         if md.request_keys is not None:
             for row, row_types in enumerate(types):
                 evictable[row] = self.nats.evictable_pages(row_types, md.seq_lens_cpu[row],
                                                            kv_cache.shape[2], num_pages)
-        channel.WORKER.report(layer_name, md, evictable, kv_cache.shape[2])
+        return evictable
 
     # ------------------------------------------------------------ mechanism
     def _prefill_row(self, row: int, types, query, kv_cache, md: SparseMetadata, out) -> None:

@@ -21,14 +21,11 @@ from typing import ClassVar
 
 import torch
 
-from vllm.config import get_current_vllm_config
 from vllm_sparse import reference
-from vllm_sparse.backend import (SparseAttentionBackend, SparseAttentionImpl, SparseMetadata,
-                                 SparseMetadataBuilder, _layer_index)
-from vllm_sparse.config import SparseConfig, resolve_from_vllm
+from vllm_sparse.backend import SparseAttentionBackend, SparseMetadata, SparseMetadataBuilder
+from vllm_sparse.config import SparseConfig
 from vllm_sparse.eviction import channel
-from vllm_sparse.mechanism import make_mechanism, resolve_kernels
-from vllm_sparse.nats.backend import check_model, rank_heads
+from vllm_sparse.eviction.impl import EvictingImpl
 from vllm_sparse.sparsek import hf_attention
 from vllm_sparse.sparsek.policy import SparseKPolicy
 from vllm_sparse.sparsek.scorer import SparseKScorer
@@ -69,65 +66,35 @@ class SparseKMetadataBuilder(SparseMetadataBuilder):
         channel.WORKER.expect_block_size(kv_cache_spec.block_size)
 
 
-class SparseKImpl(SparseAttentionImpl):
-    """SparseK attention for one layer.
-
-    forward: query [T, Hq, D], key/value [T, Hkv, D], kv_cache [num_blocks, Hkv,
-    block_size, 2D], output [T, Hq, D]; reports evictable [B, num_pages] pages per step.
-    """
+class SparseKImpl(EvictingImpl):
+    """SparseK attention for one layer (shapes: `EvictingImpl`)."""
 
     method: ClassVar[str | None] = "sparsek"
+    weights_name = "sparsek scorer"
 
-    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, *args, **kwargs):
-        super().__init__(num_heads, head_size, scale, num_kv_heads, *args, **kwargs)
-        from vllm.distributed import (get_tensor_model_parallel_rank,
-                                      get_tensor_model_parallel_world_size)
+    def _load_weights(self):
+        scorer, path, self.k = load_scorer(self.config)
+        return scorer, path
 
-        model = get_current_vllm_config().model_config
-        self.scorer, path, self.k = load_scorer(self.config)
-        total = model.get_total_num_kv_heads()
-        check_model(self.scorer, path, model.hf_text_config.num_hidden_layers, total,
-                    self.head_size, what="sparsek scorer")
-        self.heads = rank_heads(total, self.num_kv_heads, get_tensor_model_parallel_rank(),
-                                get_tensor_model_parallel_world_size())
-        self.sparsek: SparseKPolicy | None = None
-
-    def _bind_layer(self, layer_name: str, kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
-        self.mechanism = make_mechanism(resolve_kernels(self.config.kernels, kv_cache.device, dtype))
-        self.layer_method = "sparsek"
-        index = _layer_index(layer_name)
-        if index is None or not 0 <= index < self.scorer.num_layers:
-            raise ValueError(f"vllm_sparse: sparsek cannot find the layer index of "
-                             f"{layer_name!r} (the scorer holds layers 0..."
-                             f"{self.scorer.num_layers - 1})")
-        weight, bias, slope = (t[self.heads].to(kv_cache.device)
-                               for t in self.scorer.layer(index))
-        self.sparsek = SparseKPolicy(weight, bias, slope, self.k, self.scorer.window)
+    def _bind_policy(self, index: int, device: torch.device) -> None:
+        weight, bias, slope = (t[self.heads].to(device) for t in self.weights.layer(index))
+        self.sparsek = SparseKPolicy(weight, bias, slope, self.k, self.weights.window)
         self._sparsek_kernels = "torch" if self.mechanism.name == "torch" else "auto"
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("vllm_sparse: fused output quantization is not supported")
-        if attn_metadata is None:  # profiling run
-            return output.fill_(0)
-        if self.sparsek is None:
-            self._bind_layer(layer.layer_name, kv_cache, query.dtype)
-        md: SparseMetadata = attn_metadata
+    def _attend(self, md: SparseMetadata, query, kv_cache, out) -> torch.Tensor:
         if md.request_keys is None:
             raise RuntimeError("vllm_sparse: sparsek keeps per-request state and got no request "
                                "identity from the model runner (needs vLLM's V1 model runner)")
-        n = md.num_actual_tokens
-        self.mechanism.write_kv(kv_cache, key[:n], value[:n], md.slot_mapping)
         self.sparsek.forget(md.live_requests)
-        query = query[:n].view(n, self.num_heads, self.head_size)
-        out = output[:n].view(n, self.num_heads, self.head_size)
         for row in md.prefill_rows:
             self._prefill_row(row, query, kv_cache, md, out)
         if md.decode_rows.numel():
             self._decode(query, kv_cache, md, out)
-        self._report(layer.layer_name, md, kv_cache)
-        return output
+        num_pages, block_size = md.block_table.shape[1], kv_cache.shape[2]
+        return torch.stack([
+            self.sparsek.evictable_pages(md.request_key(row), block_size, num_pages,
+                                         kv_cache.device)
+            for row in range(len(md.seq_lens_cpu))])
 
     def _prefill_row(self, row: int, query, kv_cache, md: SparseMetadata, out) -> None:
         """The row's queries attend by the rule over the tokens at their own positions."""
@@ -169,14 +136,6 @@ class SparseKImpl(SparseAttentionImpl):
         out[md.decode_token_index] = reference.attend(query[md.decode_token_index], key, value,
                                                       valid, self.scale, value_weights)[0]
         self._count(valid, md.seq_lens[md.decode_rows], 0)
-
-    def _report(self, layer_name: str, md: SparseMetadata, kv_cache) -> None:
-        num_pages, block_size = md.block_table.shape[1], kv_cache.shape[2]
-        evictable = torch.stack([
-            self.sparsek.evictable_pages(md.request_key(row), block_size, num_pages,
-                                         kv_cache.device)
-            for row in range(len(md.seq_lens_cpu))])
-        channel.WORKER.report(layer_name, md, evictable, block_size)
 
 
 class SparseKBackend(SparseAttentionBackend):
