@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Quality of each sparse method next to dense attention, on SmolLM2-135M.
 
-    python benchmarks/quality.py [--small] [--methods dense,radar,streaming,recycled]
-                                 [--samples 32] [--format chat] [--tasks ...]
+    python benchmarks/quality.py [--small] [--methods dense,radar,streaming,recycled,nats,sparsek]
+                                 [--samples 32] [--format chat] [--tasks ...] [--merge]
 
 Measures, through the real vLLM engine (`LLM(attention_backend=...)`), float32, KV block 32:
 1. Perplexity on long real text: windows of C tokens of CPython's `pydoc_data.topics`
@@ -26,6 +26,21 @@ Methods:
   the last B - 4 tokens, B in all.
 - recycled: `attention_backend="recycled"`; skipped with a note if the engine raises
   NotImplementedError at start-up.
+- nats: `attention_backend="nats"` with the gates of configs/smollm2-135m-instruct.yaml
+  (configs/nats/, their sha256 recorded per row). NAtS has no budget: its learned token types
+  decide what each KV head keeps, so it runs once per cell, its budget shown as "learned", next
+  to the measured fraction of KV kept (below). No evaluation mode either (NatsConfig accepts
+  `eval_sparse_prefill_from` but the NAtS backend never reads it, so it is not passed): NAtS
+  prefill already attends, at every prompt position, exactly the live tokens the types leave
+  visible there (`gates.visible`, the training contract), so every prompt log-prob already
+  comes from the sparse policy, and needle answers are decoded by NAtS decode, which attends
+  exactly the live tokens.
+- sparsek: `attention_backend="sparsek"` with the scorer of configs/smollm2-135m-instruct.yaml
+  (configs/sparsek/, sha256 recorded per row) at the same integer budget B (k = B - the scorer's
+  window). Like NAtS it needs no evaluation mode: its prefill applies the SparseK rule (window +
+  top-k by score, values scaled by p) at every prompt position, the same rule as its decode, so
+  prompt log-probs come from the sparse policy. Its KV kept is measured like NAtS's (decode
+  attends exactly the k kept tokens and the window).
 
 Budgets: B = int(f * C) tokens for f in 12.5%, 25%, 50%, C the cell's context length, given
 to every method as an integer, so all attend (at most) the same number of KV tokens per query
@@ -40,14 +55,34 @@ attend exactly as a decode step would, tests/e2e/test_radar_smollm2.py checks th
   prefilled densely, as in serving, and the last prompt token and every answer token attend
   as decode steps, so the whole answer comes from sparse attention.
 
-Output: a table per cell (task, context, method, budget, score, vs dense), and
+KV kept (`kv_kept` in each row): the share of the context's KV tokens still held, averaged over
+layers and KV heads. Dense, Radar, StreamingLLM (Radar's backend) and Recycled evict nothing:
+1.0. NAtS: measured in the engine, on the very prompts scored, by the backend's attended-token
+counters (`impl.stats`, as tests/e2e/test_nats.py counts them): NAtS decode attends exactly the
+tokens still live, so attended / context tokens over a cell's decode steps, summed over layers
+and KV heads, is the kept share. Perplexity windows are generated with max_tokens=2 for this,
+so each window has one decode step, at position C, right after its last token (C + 1 tokens
+of context); task cells count every decode step of every answer (the first at the prompt's
+end, C tokens).
+
+Output: a table per cell (task, context, method, budget, score, vs dense, KV kept), and
 benchmarks/results/quality[_small].json: a list of runs, each with device, machine, versions,
 date, settings and rows; runs from another device already in the file are kept.
+
+--merge: instead of replacing this device's run, merge this run's rows into it (it must have
+the same model, dtype, --format, --seed, --windows and --samples, else the script stops before
+running anything). A row replaces the stored row of the same cell (kind, task, context, method,
+budget fraction); the others are kept, and the merge (command, date, machine, methods) is
+listed in the run's `merged`. When dense is not among --methods, dense is not rerun: the
+stored dense row of the same cell (same windows or samples) is the reference for "vs dense"
+and for the task filter, and dense runs only for cells that have none. Every row's `vs_dense`
+is recomputed from the merged run's dense rows.
 """
 
 import argparse
 import datetime
 import gc
+import hashlib
 import math
 import os
 import platform
@@ -70,8 +105,14 @@ from results_io import command_line, save_run  # noqa: E402
 from tasks import TASKS, TaskGenerator, score  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dense", "radar", "streaming", "recycled")
+METHODS = ("dense", "radar", "streaming", "recycled", "nats", "sparsek")
 SINKS = 4  # StreamingLLM's attention sinks
+LEARNED = "learned"        # the budget of a method whose learned gates decide what is kept
+LEARNED_METHODS = ("nats",)
+EVICTING_METHODS = ("nats", "sparsek")   # the others keep every KV token: kv_kept = 1.0
+SPARSE_PREFILL_METHODS = ("nats", "sparsek")   # prefill already follows the policy: no eval mode
+WEIGHTS = {"nats": ("gates", "gates_path"), "sparsek": ("scorer", "scorer_path")}
+MERGE_SETTINGS = ("windows", "samples", "format", "seed")  # cell-defining, must match to merge
 
 
 def csv(kind):
@@ -82,7 +123,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true",
                    help="CI preset: one 1K perplexity window and 8 single-needle samples at 1K, "
-                        "budget 25%%, methods dense,radar,streaming unless --methods is given")
+                        "budget 25%%, methods dense,radar,streaming,nats,sparsek unless --methods is "
+                        "given")
     p.add_argument("--methods", type=csv(str), default=None, help=f"default {','.join(METHODS)}")
     p.add_argument("--tasks", type=csv(str), default=list(TASKS))
     p.add_argument("--task-contexts", type=csv(int), default=[2048, 4096, 7680])
@@ -96,11 +138,14 @@ def parse_args():
     p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--merge", action="store_true",
+                   help="merge the rows into this device's run in --out instead of replacing it; "
+                        "dense is reused from it unless --methods has dense (see above)")
     args = p.parse_args()
     if args.small:
         args.tasks, args.task_contexts, args.ppl_contexts = ["niah_single"], [1024], [1024]
         args.windows, args.samples, args.fractions = 1, 8, [0.25]
-        args.methods = args.methods or ["dense", "radar", "streaming"]
+        args.methods = args.methods or ["dense", "radar", "streaming", "nats", "sparsek"]
     args.methods = args.methods or list(METHODS)
     unknown = set(args.methods) - set(METHODS) | set(args.tasks) - set(TASKS)
     if unknown:
@@ -109,8 +154,13 @@ def parse_args():
     return args
 
 
-def sparse_config(method: str, budget: int, eval_from: int) -> tuple[str, dict]:
-    """(attention backend, vllm_sparse config) of a sparse method at a token budget."""
+def sparse_config(method: str, budget: int | None, eval_from: int | None) -> tuple[str, dict]:
+    """(attention backend, vllm_sparse config) of a sparse method at a token budget; a learned
+    method (nats) takes neither budget nor evaluation mode: its gates come from configs/."""
+    if method in LEARNED_METHODS:
+        return method, {}
+    if method in SPARSE_PREFILL_METHODS:
+        return method, {"budget": budget}
     config = {"budget": budget, "eval_sparse_prefill_from": eval_from}
     if method == "streaming":
         config["radar"] = {"num_sink_tokens": SINKS, "local_window": budget - SINKS}
@@ -134,6 +184,33 @@ class Engine:
                 lambda m: m.model.layers[0].self_attn.attn.attn_backend.get_name())[0]
         except Exception:  # noqa: BLE001 - informative only
             self.backend = backend or "auto"
+        self.weights = self._weights(backend) if backend in WEIGHTS else None
+
+    def _weights(self, method: str) -> dict:
+        """The trained weights file the engine loaded (NAtS gates, SparseK scorer): its config
+        key, path (relative to configs/ when inside) and sha256."""
+        from vllm_sparse.config import config_dir
+
+        key, getter = WEIGHTS[method]
+        path = Path(self.llm.apply_model(lambda m: str(getattr(getattr(
+            m.model.layers[0].self_attn.attn.impl.config, method), getter)()))[0])
+        try:
+            name = str(path.relative_to(config_dir()))
+        except ValueError:
+            name = str(path)
+        return {"key": key, "path": name,
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+    def counts(self) -> tuple[int, int] | None:
+        """(tokens attended, context tokens) by decode steps so far, summed over layers and KV
+        heads, from vllm_sparse's attention counters; None for a backend without them."""
+        try:
+            per_layer = self.llm.apply_model(lambda m: [
+                (layer.self_attn.attn.impl.stats.attended_tokens,
+                 layer.self_attn.attn.impl.stats.context_tokens) for layer in m.model.layers])[0]
+        except Exception:  # noqa: BLE001 - vLLM's own backends have no counters
+            return None
+        return sum(a for a, _ in per_layer), sum(c for _, c in per_layer)
 
     def generate(self, prompts, params):
         from vllm import TokensPrompt
@@ -146,12 +223,39 @@ class Engine:
         gc.collect()
 
 
-def run_perplexity(engine, windows, score_from, bar) -> dict:
+def kv_kept(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of the context's KV tokens attended by the decode steps between two
+    `Engine.counts()` readings (NAtS decode attends exactly the live tokens: the kept share)."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def measure_kept(engine, method: str, run) -> dict:
+    """run() -> result dict, with `kv_kept` (and how it was obtained) added."""
+    if method not in EVICTING_METHODS:
+        return {**run(), "kv_kept": 1.0, "kv_kept_source": "no eviction"}
+    before = engine.counts()
+    result = run()
+    kept = kv_kept(before, engine.counts())
+    if kept is None:
+        raise RuntimeError(f"{method}: no attended-token counts from the engine; cannot measure "
+                           "the KV kept fraction")
+    return {**result, "kv_kept": kept,
+            "kv_kept_source": "engine: attended / context tokens of the decode steps "
+                              "(backend counters), all layers and KV heads"}
+
+
+def run_perplexity(engine, windows, score_from, bar, decode_step=False) -> dict:
+    """Perplexity of positions > score_from; `decode_step`: one decode step after each window
+    (max_tokens=2) so the engine's decode counters see the window's last state (NAtS)."""
     from vllm import SamplingParams
 
     start, nll, count = time.perf_counter(), 0.0, 0
+    params = SamplingParams(max_tokens=2 if decode_step else 1, prompt_logprobs=0,
+                            ignore_eos=True)
     for window in windows:
-        out = engine.generate([window], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+        out = engine.generate([window], params)[0]
         for pos in range(score_from + 1, len(window)):
             nll -= out.prompt_logprobs[pos][window[pos]].logprob
             count += 1
@@ -199,14 +303,101 @@ def machine_info(dtype) -> dict:
     }
 
 
+def budget_text(row) -> str:
+    if row["budget"] is None:
+        return "all"
+    if row["budget"] == LEARNED:
+        return LEARNED
+    return f"{row['fraction']:.1%}={row['budget']}"
+
+
 def print_table(rows) -> None:
+    """Rows of this run; a dense row reused from the stored run is marked "(stored)"."""
     print(f"\n{'kind':<11}{'task':<19}{'context':>8}  {'method':<10}{'budget':>12}"
-          f"{'score':>9}{'vs dense':>10}{'seconds':>9}")
+          f"{'score':>9}{'vs dense':>10}{'kv kept':>9}{'seconds':>9}")
     for r in rows:
-        budget = "all" if r["budget"] is None else f"{r['fraction']:.1%}={r['budget']}"
         vs = "" if r.get("vs_dense") is None else f"{r['vs_dense']:.3f}"
-        print(f"{r['kind']:<11}{r.get('task', 'pydoc'):<19}{r['context']:>8}  {r['method']:<10}"
-              f"{budget:>12}{r['score']:>9.3f}{vs:>10}{r['seconds']:>9.1f}")
+        kept = "" if r.get("kv_kept") is None else f"{r['kv_kept']:.3f}"
+        print(f"{r['kind']:<11}{r.get('task') or 'pydoc':<19}{r['context']:>8}  "
+              f"{r['method']:<10}{budget_text(r):>12}{r['score']:>9.3f}{vs:>10}{kept:>9}"
+              f"{r['seconds']:>9.1f}" + ("  (stored)" if r.get("stored") else ""))
+
+
+# ------------------------------------------------------------ merging into a stored run
+def row_key(row) -> tuple:
+    """The cell a row measures: kind, task, context, method, budget fraction (None: dense or
+    a learned budget)."""
+    return (row["kind"], row.get("task"), row["context"], row["method"], row.get("fraction"))
+
+
+def dense_key(row) -> tuple:
+    return (row["kind"], row.get("task"), row["context"])
+
+
+def stored_run(path: Path, device: str) -> dict | None:
+    from results_io import read_runs
+
+    return next((r for r in read_runs(path) if r.get("device") == device), None)
+
+
+def check_mergeable(old: dict, settings: dict, dtype: str, model: str) -> None:
+    """Raise ValueError unless a run with these settings may be merged into `old`."""
+    have = old.get("settings", {})
+    diff = [f"{k} {have.get(k)!r} (stored) vs {settings.get(k)!r}" for k in MERGE_SETTINGS
+            if have.get(k) != settings.get(k)]
+    diff += [f"{k} {old.get(k)!r} (stored) vs {v!r}" for k, v in (("dtype", dtype),
+                                                                   ("model", model))
+             if old.get(k) != v]
+    if diff:
+        raise ValueError("cannot --merge into the stored run of device "
+                         f"{old.get('device')!r}: {'; '.join(diff)}; use the stored settings, "
+                         "or run without --merge to replace that run")
+
+
+def stored_dense(old: dict | None) -> dict[tuple, dict]:
+    """(kind, task, context) -> the stored dense row."""
+    rows = (old or {}).get("rows", [])
+    return {dense_key(r): r for r in rows if r["method"] == "dense"}
+
+
+def _union(a, b) -> list:
+    out = list(a or [])
+    return out + [x for x in (b or []) if x not in out]
+
+
+def merge_runs(old: dict | None, new: dict) -> dict:
+    """`new`'s rows merged into `old` (same device and settings): a new row replaces the stored
+    row of its cell, the rest are kept; settings' lists, the dense filter and notes are unions;
+    `merged` lists each merge; every vs_dense is recomputed from the merged dense rows."""
+    if old is None:
+        return new
+    check_mergeable(old, new["settings"], new["dtype"], new["model"])
+    rows = {row_key(r): r for r in old.get("rows", [])}
+    for r in new["rows"]:
+        if not r.get("stored"):
+            rows[row_key(r)] = r
+    rows = sort_rows(rows.values())
+    dense = {dense_key(r): r["score"] for r in rows if r["method"] == "dense"}
+    for r in rows:
+        ref = dense.get(dense_key(r))
+        r["vs_dense"] = r["score"] / ref if ref else None
+    settings = dict(old.get("settings", {}))
+    for k, v in new["settings"].items():
+        settings[k] = _union(settings.get(k), v) if isinstance(v, list) else settings.get(k, v)
+    filters = {(f["task"], f["context"]): f for f in old.get("dense_filter", [])}
+    filters.update({(f["task"], f["context"]): f for f in new.get("dense_filter", [])})
+    entry = {k: new.get(k) for k in ("date", "command", "machine", "versions",
+                                     "omp_num_threads", "dense_backend")}
+    entry["methods"] = sorted({r["method"] for r in new["rows"] if not r.get("stored")})
+    entry["rows"] = sum(1 for r in new["rows"] if not r.get("stored"))
+    return {**old, "settings": settings, "dense_filter": list(filters.values()),
+            "notes": _union(old.get("notes"), new.get("notes")),
+            "merged": [*old.get("merged", []), entry], "rows": rows}
+
+
+def sort_rows(rows) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["kind"], r.get("task") or "", r["context"],
+                                       r["method"] != "dense", r["method"], r["fraction"] or 0))
 
 
 def main() -> None:
@@ -218,6 +409,11 @@ def main() -> None:
     from vllm_sparse.models import long_text, smollm2_dir
 
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    info = machine_info(dtype)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
+    old = stored_run(args.out, info["device"]) if args.merge else None
+    if old is not None:
+        check_mergeable(old, settings, dtype, info["model"])   # before anything runs
     model = str(smollm2_dir())
     tokenizer = AutoTokenizer.from_pretrained(model)
     text_ids = tokenizer(long_text())["input_ids"]
@@ -229,11 +425,33 @@ def main() -> None:
     samples = {(t, c): generator.samples(t, c, args.samples)
                for t in args.tasks for c in args.task_contexts}
     sparse = [m for m in args.methods if m != "dense"]
-    per_sparse = len(args.fractions) * len(sparse)
-    total = (sum(map(len, windows.values())) * (1 + per_sparse)
-             + sum(map(len, samples.values())) * (1 + per_sparse))
-    bar = tqdm(total=total, unit="prompt", dynamic_ncols=True)
     rows, notes, dense = [], [], {}
+
+    # dense rows to reuse: --merge without dense in --methods, same cell, windows and samples
+    reuse = {}
+    if old is not None and "dense" not in args.methods:
+        for key, r in stored_dense(old).items():
+            same = (r.get("windows") == args.windows and r.get("score_from") == key[2] // 2
+                    if key[0] == "perplexity" else r.get("samples") == args.samples)
+            if same and ((key[2] in windows) if key[0] == "perplexity" else key[1:] in samples):
+                reuse[key] = r
+    dense_windows = {c: ws for c, ws in windows.items() if ("perplexity", None, c) not in reuse}
+    dense_samples = {k: ss for k, ss in samples.items() if ("task", *k) not in reuse}
+    for key, r in reuse.items():
+        dense[key] = r["score"]
+        rows.append({**r, "stored": True})
+    if reuse:
+        notes.append(f"dense not rerun by `{command_line()}`: its rows reuse the stored dense "
+                     "rows (same windows/samples) of " + ", ".join(
+                         f"{k[1] or k[0]} at {k[2]}" for k in reuse))
+
+    def per_method(m):
+        return 1 if m in LEARNED_METHODS else len(args.fractions)
+    per_sparse = sum(per_method(m) for m in sparse)
+    total = (sum(map(len, windows.values())) * per_sparse
+             + sum(map(len, samples.values())) * per_sparse
+             + sum(map(len, dense_windows.values())) + sum(map(len, dense_samples.values())))
+    bar = tqdm(total=total, unit="prompt", dynamic_ncols=True)
 
     def add(row):
         ref = dense.get((row["kind"], row.get("task"), row["context"]))
@@ -241,44 +459,54 @@ def main() -> None:
         rows.append(row)
 
     # dense first: the reference and the task filter
-    bar.set_description("dense")
-    engine = Engine(model, dtype, seed=args.seed)
-    dense_backend = engine.backend
-    for c, ws in windows.items():
-        res = run_perplexity(engine, ws, c // 2, bar)
-        dense[("perplexity", None, c)] = res["score"]
-        add({"kind": "perplexity", "context": c, "method": "dense", "budget": None,
-             "fraction": None, "windows": len(ws), "score_from": c // 2, "backend": engine.backend,
-             **res})
-    for (t, c), ss in samples.items():
-        res = run_tasks(engine, ss, args.batch, bar)
-        dense[("task", t, c)] = res["score"]
-        add({"kind": "task", "task": t, "context": c, "method": "dense", "budget": None,
-             "fraction": None, "backend": engine.backend, **res})
-    engine.close()
+    dense_backend = old.get("dense_backend") if old is not None else None
+    if dense_windows or dense_samples:
+        bar.set_description("dense")
+        engine = Engine(model, dtype, seed=args.seed)
+        dense_backend = engine.backend
+        for c, ws in dense_windows.items():
+            res = measure_kept(engine, "dense", lambda: run_perplexity(engine, ws, c // 2, bar))
+            dense[("perplexity", None, c)] = res["score"]
+            add({"kind": "perplexity", "context": c, "method": "dense", "budget": None,
+                 "fraction": None, "windows": len(ws), "score_from": c // 2,
+                 "backend": engine.backend, **res})
+        for (t, c), ss in dense_samples.items():
+            res = measure_kept(engine, "dense", lambda: run_tasks(engine, ss, args.batch, bar))
+            dense[("task", t, c)] = res["score"]
+            add({"kind": "task", "task": t, "context": c, "method": "dense", "budget": None,
+                 "fraction": None, "backend": engine.backend, **res})
+        engine.close()
     kept = {k: v for k, v in samples.items() if dense[("task", *k)] >= args.min_dense}
     filter_rows = [{"task": t, "context": c, "dense": dense[("task", t, c)],
                     "kept": (t, c) in kept} for t, c in samples]
     for f in filter_rows:
         tqdm.write(f"dense filter: {f['task']:<18} {f['context']:>5}  dense {f['dense']:.3f}  "
-                   f"{'kept' if f['kept'] else f'dropped (< {args.min_dense:.0%})'}")
+                   f"{'kept' if f['kept'] else f'dropped (< {args.min_dense:.0%})'}"
+                   + ("  (stored dense row)" if ("task", f["task"], f["context"]) in reuse
+                      else ""))
     bar.total -= sum(len(samples[k]) for k in samples if k not in kept) * per_sparse
     bar.refresh()
 
-    # sparse methods: one engine per (method, budget, evaluation start)
+    # sparse methods: one engine per (method, budget, evaluation start); a learned method
+    # (nats: no budget, no evaluation mode) one engine for all its cells
     for method in sparse:
-        jobs = [("perplexity", c, f, ws) for c, ws in windows.items() for f in args.fractions]
+        learned = method in LEARNED_METHODS
+        fractions = [None] if learned else args.fractions
+        jobs = [("perplexity", c, f, ws) for c, ws in windows.items() for f in fractions]
         jobs += [("task", c, f, {t: ss for (t, cc), ss in kept.items() if cc == c})
-                 for c in args.task_contexts for f in args.fractions]
+                 for c in args.task_contexts for f in fractions]
+        shared = None
         for i, (kind, c, f, work) in enumerate(jobs):
             if not work:
                 continue
-            budget = int(f * c)
-            eval_from = c // 2 if kind == "perplexity" else c - 1
-            backend, config = sparse_config(method, budget, eval_from)
+            budget = LEARNED if learned else int(f * c)
+            eval_from = None if method in SPARSE_PREFILL_METHODS else (
+                c // 2 if kind == "perplexity" else c - 1)
+            backend, config = sparse_config(method, None if learned else budget, eval_from)
             bar.set_description(f"{method} {kind} {c} B={budget}")
             try:
-                engine = Engine(model, dtype, backend, config, seed=args.seed)
+                engine = shared or Engine(model, dtype, backend, config, seed=args.seed)
+                shared = engine if learned else None
             except NotImplementedError as exc:
                 notes.append(f"{method}: skipped, NotImplementedError at start-up: {exc}")
                 tqdm.write(notes[-1])
@@ -290,31 +518,49 @@ def main() -> None:
             common = {"context": c, "method": method, "budget": budget, "fraction": f,
                       "eval_sparse_prefill_from": eval_from, "config": config,
                       "backend": engine.backend}
+            if engine.weights:
+                common[engine.weights["key"]] = {k: v for k, v in engine.weights.items()
+                                                 if k != "key"}
             if kind == "perplexity":
-                add({"kind": kind, "windows": len(work), "score_from": c // 2, **common,
-                     **run_perplexity(engine, work, c // 2, bar)})
+                res = measure_kept(engine, method, lambda: run_perplexity(
+                    engine, work, c // 2, bar, decode_step=method in EVICTING_METHODS))
+                add({"kind": kind, "windows": len(work), "score_from": c // 2, **common, **res})
             else:
                 for t, ss in work.items():
-                    add({"kind": kind, "task": t, **common, **run_tasks(engine, ss, args.batch, bar)})
-            engine.close()
+                    res = measure_kept(engine, method,
+                                       lambda: run_tasks(engine, ss, args.batch, bar))
+                    add({"kind": kind, "task": t, **common, **res})
+            if not learned:
+                engine.close()
+        if shared is not None:
+            shared.close()
     bar.close()
 
-    rows.sort(key=lambda r: (r["kind"], r.get("task") or "", r["context"],
-                             r["method"] != "dense", r["method"], r["fraction"] or 0))
+    rows = sort_rows(rows)
     print(f"\nSmolLM2-135M, {dtype}, dense = vLLM's {dense_backend}. Budgets are integer token "
-          "counts int(f * context), the same for every method (sinks and window included).\n"
-          "Perplexity: positions >= context/2 scored, sparse ones in evaluation mode (score = "
-          "perplexity, lower is better). Tasks: score = fraction of answer items found "
-          f"(higher is better), {args.format} prompts, answers decoded sparsely.")
+          "counts int(f * context), the same for every method (sinks and window included); "
+          "NAtS's is learned (its gates decide); NAtS's and SparseK's KV kept is measured in the "
+          "engine.\nPerplexity: positions >= context/2 scored, sparse ones in evaluation mode "
+          "(NAtS, SparseK: their sparse prefill) (score = perplexity, lower is better). Tasks: "
+          "score = fraction of "
+          f"answer items found (higher is better), {args.format} prompts, answers decoded "
+          "sparsely. kv kept: share of KV tokens held (1.0: nothing evicted).")
     print_table(rows)
     for note in notes:
         print(note)
-    run = {**machine_info(dtype), "mode": "small" if args.small else "full",
-           "command": command_line(),
-           "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    run = {**info, "mode": "small" if args.small else "full",
+           "command": command_line(), "settings": settings,
            "dense_backend": dense_backend,
-           "budget_note": "integer token budgets int(f * context), equal for every method",
+           "budget_note": "integer token budgets int(f * context), equal for every method; "
+                          "nats: learned (no budget), its kv_kept measured",
            "dense_filter": filter_rows, "notes": notes, "rows": rows}
+    if old is not None:
+        # the stored run as it is now (another --merge may have saved since this one started)
+        run = merge_runs(stored_run(args.out, info["device"]) or old, run)
+        print(f"merged into the stored {info['device']} run ({len(run['merged'])} merge(s)); "
+              f"it now has {len(run['rows'])} rows")
+    else:
+        run["rows"] = [r for r in rows if not r.get("stored")]
     save_run(args.out, run)  # keeps other devices' runs
     print(f"\nwritten: {args.out}")
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-METHODS = "dense,radar,recycled,streaming"
+METHODS = "dense,radar,recycled,streaming,nats,sparsek"
 STAGES = {
     "small": {"quality": ["quality.py", "--small", "--methods", METHODS],
               "speed": ["speed.py", "--small"],

@@ -3,7 +3,8 @@
 
 Each function writes its figure into `out_dir` and returns the file's name, or None when the
 run has nothing to plot. One panel per context (quality) or batch (speed), one line per method;
-dense, which has no budget, is a dashed horizontal line.
+dense, which has no budget, is a dashed horizontal line; a method with a learned budget (NAtS)
+is one star at x = its measured KV kept share.
 """
 
 import re
@@ -14,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from report_tables import METHOD_ORDER, methods_of  # noqa: E402
+from report_tables import LEARNED, METHOD_ORDER, methods_of  # noqa: E402
 
 COLORS = {m: "black" if m == "dense" else f"C{i}" for i, m in enumerate(METHOD_ORDER)}
 
@@ -53,11 +54,21 @@ def _quality_points(rows: list[dict], context: int) -> dict[str, list[tuple]]:
     tasks = {r.get("task") for r in here if r["method"] != "dense"} or {r.get("task") for r in here}
     points: dict[str, dict] = {}
     for r in here:
-        if r.get("task") in tasks:
-            points.setdefault(r["method"], {}).setdefault(r["fraction"], []).append(r["score"])
+        if r.get("task") not in tasks:
+            continue
+        x = r["fraction"]
+        if r["method"] != "dense" and r.get("budget") == LEARNED:
+            if r.get("kv_kept") is None:
+                continue
+            x = r["kv_kept"]        # a learned budget: at its measured KV kept share
+        points.setdefault(r["method"], {}).setdefault(x, []).append(r["score"])
     return {m: sorted((None if f is None else 100 * f, sum(v) / len(v)) for f, v in by_f.items()
                       if len(v) == len(tasks))
             for m, by_f in points.items()}
+
+
+def _learned(rows: list[dict]) -> set[str]:
+    return {r["method"] for r in rows if r["method"] != "dense" and r.get("budget") == LEARNED}
 
 
 def quality_plot(run: dict, kind: str, out_dir: Path) -> str | None:
@@ -66,6 +77,7 @@ def quality_plot(run: dict, kind: str, out_dir: Path) -> str | None:
     contexts = sorted({r["context"] for r in rows})
     if not contexts:
         return None
+    learned = _learned(rows)
     fig, axes = _panels(len(contexts))
     for ax, context in zip(axes, contexts):
         points = _quality_points(rows, context)
@@ -74,11 +86,17 @@ def quality_plot(run: dict, kind: str, out_dir: Path) -> str | None:
             ys = [y for _, y in points[method]]
             if method == "dense" and ys:
                 ax.axhline(ys[0], color="black", linestyle="--", label="dense")
+            elif method in learned and ys:
+                ax.plot(xs, ys, marker="*", markersize=11, linestyle="none", label=method,
+                        color=COLORS.get(method))
             elif ys:
                 ax.plot(xs, ys, marker="o", label=method, color=COLORS.get(method))
-        ax.set_xticks(sorted({x for m, pts in points.items() if m != "dense" for x, _ in pts}))
+        ticks = sorted({round(x, 1) for m, pts in points.items() if m != "dense"
+                        for x, _ in pts})
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
         ax.set_title(f"context {context:,}")
-        ax.set_xlabel("budget (% of context)")
+        ax.set_xlabel("budget (% of context)" + (f"; {', '.join(sorted(learned))}: KV kept"
+                                                 if learned else ""))
     axes[0].set_ylabel("perplexity (lower is better)" if kind == "perplexity"
                        else "task score (mean over tasks)")
     _legend(axes)

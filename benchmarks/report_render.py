@@ -16,7 +16,7 @@ import report_targets
 from results_io import read_runs
 
 BENCHES = ("quality", "speed", "load", "radar_perplexity")
-RUN_METHODS = ("dense", "radar", "recycled", "streaming")   # what `report.py --run` measures
+RUN_METHODS = ("dense", "radar", "recycled", "streaming", "nats", "sparsek")  # `report.py --run` measures
 STATUS = {"hit": "**hit**", "missed": "**missed**", "not measured": "not measured"}
 
 

@@ -2,13 +2,16 @@
 """Markdown tables of one run of each benchmark (quality, speed, load, radar_perplexity).
 
 Every ratio to dense is computed here from the same run's dense row, never read from the file.
-A cell that was not measured is an em dash.
+A cell that was not measured is an em dash. A method with a learned budget (NAtS: its gates
+decide what is kept; quality.py stores `budget: "learned"`) gets its own line per cell, its
+budget shown as the measured share of KV kept (`kv_kept`).
 """
 
 import json
 
 DASH = "—"
 METHOD_ORDER = ("dense", "radar", "recycled", "streaming", "nats", "sparsek")
+LEARNED = "learned"
 
 
 def num(x, digits=3) -> str:
@@ -56,15 +59,42 @@ def run_header(run: dict) -> str:
                     if v not in (None, [], False)}
         command = f"not recorded (settings: `{json.dumps(settings, separators=(',', ':'))}`)"
     model = run.get("model", "")
-    return "\n".join([f"- Device: **{run.get('device', '?')}**; machine: {run.get('machine', '?')}",
-                      f"- Versions: {versions or '?'}; date: {run.get('date', '?')}"
-                      + (f"; model: {model.rsplit('/', 1)[-1]}" if model else ""),
-                      f"- Command: {command}"])
+    lines = [f"- Device: **{run.get('device', '?')}**; machine: {run.get('machine', '?')}",
+             f"- Versions: {versions or '?'}; date: {run.get('date', '?')}"
+             + (f"; model: {model.rsplit('/', 1)[-1]}" if model else ""),
+             f"- Command: {command}"]
+    for m in run.get("merged", []):
+        methods = ", ".join(m.get("methods", [])) or "?"
+        rows = m.get("rows", "?")
+        lines.append(f"- Merged into this run ({methods}; {rows} row{'' if rows == 1 else 's'}; "
+                     f"date: {m.get('date', '?')}): `{m.get('command', '?')}`")
+    return "\n".join(lines)
 
 
-def _sparse_budgets(rows, context) -> list[tuple]:
-    return sorted({(r["fraction"], r["budget"]) for r in rows
-                   if r["context"] == context and r["fraction"] is not None})
+def budget_key(row):
+    """None for dense, "learned" for a learned budget, else the budget fraction."""
+    if row["method"] == "dense":
+        return None
+    return LEARNED if row.get("budget") == LEARNED else row["fraction"]
+
+
+def _budget_lines(rows, context) -> list[tuple]:
+    """(key, budget text) of each line at one context: the budget fractions, then a learned
+    line if a method has one (its text: the measured KV kept share, per learned method);
+    dense alone: one line without a budget."""
+    here = [r for r in rows if r["context"] == context]
+    lines = [(f, f"{pct(f)} ({b:,})") for f, b in sorted(
+        {(r["fraction"], r["budget"]) for r in here
+         if r["fraction"] is not None and r.get("budget") != LEARNED})]
+    learned = [r for r in here if r["method"] != "dense" and r.get("budget") == LEARNED]
+    if learned:
+        kept = {}
+        for r in learned:
+            if r.get("kv_kept") is not None:
+                kept.setdefault(r["method"], []).append(r["kv_kept"])
+        text = ", ".join(f"{m} {100 * sum(v) / len(v):.1f}%" for m, v in kept.items())
+        lines.append((LEARNED, f"learned; KV kept: {text}" if text else LEARNED))
+    return lines or [(None, DASH)]
 
 
 def quality_perplexity(run: dict) -> str:
@@ -72,15 +102,15 @@ def quality_perplexity(run: dict) -> str:
     if not rows:
         return ""
     methods = methods_of(rows)
-    at = {(r["method"], r["context"], r["fraction"]): r["score"] for r in rows}
+    at = {(r["method"], r["context"], budget_key(r)): r["score"] for r in rows}
     out = []
     for context in sorted({r["context"] for r in rows}):
         ref = at.get(("dense", context, None))
-        for fraction, budget in _sparse_budgets(rows, context) or [(None, None)]:
-            line = [f"{context:,}", DASH if fraction is None else f"{pct(fraction)} ({budget:,})"]
+        for key, budget_text in _budget_lines(rows, context):
+            line = [f"{context:,}", budget_text]
             for m in methods:
                 dense = m == "dense"
-                line.append(cell(at.get((m, context, None if dense else fraction)),
+                line.append(cell(at.get((m, context, None if dense else key)),
                                  None if dense else ref))
             out.append(line)
     return table(["context", "budget (tokens)", *methods], out)
@@ -91,18 +121,17 @@ def quality_tasks(run: dict) -> str:
     if not rows:
         return ""
     methods = methods_of(rows)
-    at = {(r["method"], r["task"], r["context"], r["fraction"]): r["score"] for r in rows}
+    at = {(r["method"], r["task"], r["context"], budget_key(r)): r["score"] for r in rows}
     out = []
     cells = sorted({(r["task"], r["context"]) for r in rows}, key=lambda k: (k[1], k[0]))
     for task, context in cells:
         ref = at.get(("dense", task, context, None))
         here = [r for r in rows if r["task"] == task]
-        for fraction, budget in _sparse_budgets(here, context) or [(None, None)]:
-            budget_text = DASH if fraction is None else f"{pct(fraction)} ({budget:,})"
+        for key, budget_text in _budget_lines(here, context):
             line = [task, f"{context:,}", budget_text]
             for m in methods:
                 dense = m == "dense"
-                line.append(cell(at.get((m, task, context, None if dense else fraction)),
+                line.append(cell(at.get((m, task, context, None if dense else key)),
                                  None if dense else ref))
             out.append(line)
     return table(["task", "context", "budget (tokens)", *methods], out)
