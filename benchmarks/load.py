@@ -51,9 +51,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_io import command_line, save_run  # noqa: E402
@@ -351,6 +348,8 @@ def git_revision() -> str | None:
 
 # ---------------------------------------------------------------- main
 def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")      # when run, not on import (tests import it)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args()
     t_start = time.perf_counter()
     import torch

@@ -90,13 +90,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keeps the progress bar readable
-# vLLM runs torch on one thread in-process unless OMP_NUM_THREADS is set (1.5x on 2 cores)
-os.environ.setdefault("OMP_NUM_THREADS", str(min(os.cpu_count() or 1, 16)))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # benchmarks/tasks.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # vllm_sparse
@@ -114,6 +107,17 @@ SPARSE_PREFILL_METHODS = ("nats", "sparsek")   # prefill already follows the pol
 WEIGHTS = {"nats": ("gates", "gates_path"), "sparsek": ("scorer", "scorer_path")}
 MERGE_SETTINGS = ("windows", "samples", "format", "seed")  # cell-defining, must match to merge
 
+
+def set_environment() -> None:
+    """Engine settings of this benchmark, set when it runs (not on import: tests import this
+    module, and its settings must not leak into their engines)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keeps the progress bar readable
+    # vLLM runs torch on one thread in-process unless OMP_NUM_THREADS is set (1.5x on 2 cores)
+    os.environ.setdefault("OMP_NUM_THREADS", str(min(os.cpu_count() or 1, 16)))
 
 def csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
@@ -401,6 +405,7 @@ def sort_rows(rows) -> list[dict]:
 
 
 def main() -> None:
+    set_environment()
     args = parse_args()
     import torch
     from tqdm import tqdm

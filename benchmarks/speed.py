@@ -23,9 +23,6 @@ import platform
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from results_io import command_line, read_runs, save_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -123,6 +120,10 @@ def engine(model: str, backend: str | None, sparse: dict | None, max_len: int):
 
 
 def main() -> None:
+    # set when run (not on import: tests import this module)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--contexts", default="2048,4096,7680")

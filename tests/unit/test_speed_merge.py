@@ -44,3 +44,21 @@ def test_method_configs():
     assert sparse_config("nats", 512) == ("nats", {})
     assert sparse_config("sparsek", 512) == ("sparsek", {"budget": 512})
     assert sparse_config("streaming", 512)[1]["radar"] == {"num_sink_tokens": 4, "local_window": 508}
+
+
+def test_importing_the_benchmarks_leaves_the_environment_alone():
+    """Tests import these modules; their engine settings (e.g. VLLM_LOGGING_LEVEL=ERROR) are
+    set only when they run, or they would leak into every later test's engines."""
+    import os
+    import subprocess
+
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    code = ("import os, sys; before = dict(os.environ); sys.path.insert(0, sys.argv[1]); "
+            "import quality, speed, load, report; "
+            "changed = sorted(k for k in set(before) | set(os.environ) "
+            "if before.get(k) != os.environ.get(k)); print(changed); assert not changed")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VLLM_", "OMP_", "HF_", "TOKENIZERS_"))}
+    proc = subprocess.run([sys.executable, "-c", code, str(benchmarks)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
