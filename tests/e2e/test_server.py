@@ -40,6 +40,10 @@ def _free_port() -> int:
 def _serve(model, port, *extra, log):
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's default engine
+    # uvicorn closes idle keep-alive connections after 5 s; the client (max_retries=0) could
+    # then reuse a pooled connection just as the server closes it, and read "Server
+    # disconnected without sending a response" (seen once in CI): keep connections open
+    env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = "600"
     return subprocess.Popen(
         [VLLM, "serve", model, "--served-model-name", "tiny", "--host", "127.0.0.1",
          "--port", str(port), "--max-model-len", str(MAX_LEN), "--enforce-eager",
