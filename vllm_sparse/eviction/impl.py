@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from vllm.config import get_current_vllm_config
-from vllm_sparse.backend import SparseAttentionImpl, SparseMetadata, _layer_index
+from vllm_sparse.backend import (SparseAttentionBackend, SparseAttentionImpl, SparseMetadata,
+                                 SparseMetadataBuilder, _layer_index)
 from vllm_sparse.eviction import channel
 from vllm_sparse.mechanism import make_mechanism, resolve_kernels
 
@@ -41,6 +42,25 @@ def rank_heads(total: int, local: int, tp_rank: int, tp_size: int) -> slice:
         return slice(tp_rank * local, (tp_rank + 1) * local)
     head = tp_rank // (tp_size // total)
     return slice(head, head + 1)
+
+
+class EvictingMetadataBuilder(SparseMetadataBuilder):
+    """The shared metadata, plus the eviction channel's block size (the group's spec)."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        channel.WORKER.expect_block_size(kv_cache_spec.block_size)
+
+
+class EvictingBackend(SparseAttentionBackend):
+    """Base of the evicting methods' backends: full attention becomes the evicting KV-cache
+    spec, whose pages the scheduler frees when every layer (and TP rank) evicted them."""
+
+    @classmethod
+    def customize_spec(cls, spec):
+        from vllm_sparse.eviction.cache import evicting_spec
+
+        return evicting_spec(spec)
 
 
 class EvictingImpl(SparseAttentionImpl):

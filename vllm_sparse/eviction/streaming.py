@@ -15,8 +15,9 @@ as NAtS and SparseK must send their data-dependent decisions.
 
 import torch
 
-from vllm_sparse.backend import RadarBackend, RadarImpl, SparseMetadata, SparseMetadataBuilder
+from vllm_sparse.backend import RadarBackend, RadarImpl, SparseMetadata
 from vllm_sparse.eviction import channel
+from vllm_sparse.eviction.impl import EvictingBackend, EvictingMetadataBuilder
 
 NAME = "STREAMING_EVICT"
 PATH = "vllm_sparse.eviction.streaming.StreamingEvictionBackend"
@@ -30,12 +31,6 @@ def streaming_evictable(seq_lens: list[int], prompt_lens: list[int], sinks: int,
     first = torch.arange(num_pages) * block_size                     # first token of each page
     done = (seq_len >= torch.tensor(prompt_lens, dtype=torch.long)[:, None])
     return done & (first >= sinks) & (first + block_size <= seq_len + 1 - window)
-
-
-class StreamingEvictionBuilder(SparseMetadataBuilder):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        channel.WORKER.expect_block_size(kv_cache_spec.block_size)
 
 
 class StreamingEvictionImpl(RadarImpl):
@@ -64,7 +59,7 @@ class StreamingEvictionImpl(RadarImpl):
         return output
 
 
-class StreamingEvictionBackend(RadarBackend):
+class StreamingEvictionBackend(EvictingBackend, RadarBackend):
     """Radar's backend with an evicting KV-cache spec and StreamingLLM eviction."""
 
     @staticmethod
@@ -77,10 +72,5 @@ class StreamingEvictionBackend(RadarBackend):
 
     @staticmethod
     def get_builder_cls():
-        return StreamingEvictionBuilder
+        return EvictingMetadataBuilder
 
-    @classmethod
-    def customize_spec(cls, spec):
-        from vllm_sparse.eviction.cache import evicting_spec
-
-        return evicting_spec(spec)

@@ -20,10 +20,9 @@ from typing import ClassVar
 import torch
 
 from vllm_sparse import reference
-from vllm_sparse.backend import SparseAttentionBackend, SparseMetadata, SparseMetadataBuilder
+from vllm_sparse.backend import SparseMetadata
 from vllm_sparse.config import NatsConfig, resolve_from_vllm
-from vllm_sparse.eviction import channel
-from vllm_sparse.eviction.impl import EvictingImpl
+from vllm_sparse.eviction.impl import EvictingBackend, EvictingImpl, EvictingMetadataBuilder
 from vllm_sparse.nats.gates import NatsGates
 from vllm_sparse.nats.policy import NatsPolicy, check_block_size
 
@@ -56,14 +55,13 @@ def _gates_for(vllm_config) -> tuple[NatsGates, Path]:
     return load_gates(resolve_from_vllm(vllm_config, "nats").nats)
 
 
-class NatsMetadataBuilder(SparseMetadataBuilder):
-    """The shared metadata, plus the eviction channel's block size and its check."""
+class NatsMetadataBuilder(EvictingMetadataBuilder):
+    """The evicting metadata, plus the check that KV blocks and the gates' chunks nest."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         gates, _ = _gates_for(vllm_config)
         check_block_size(gates.chunk_size, kv_cache_spec.block_size)
-        channel.WORKER.expect_block_size(kv_cache_spec.block_size)
 
 
 class NatsImpl(EvictingImpl):
@@ -168,7 +166,7 @@ def _log_once(message: str) -> None:
         logger.warning(message)
 
 
-class NatsBackend(SparseAttentionBackend):
+class NatsBackend(EvictingBackend):
     """`--attention-backend nats`: NAtS with an evicting KV-cache spec (pages whose tokens
     every KV head of every layer evicted return to vLLM's block pool)."""
 
@@ -185,9 +183,3 @@ class NatsBackend(SparseAttentionBackend):
     @staticmethod
     def get_builder_cls():
         return NatsMetadataBuilder
-
-    @classmethod
-    def customize_spec(cls, spec):
-        from vllm_sparse.eviction.cache import evicting_spec
-
-        return evicting_spec(spec)

@@ -22,10 +22,9 @@ from typing import ClassVar
 import torch
 
 from vllm_sparse import reference
-from vllm_sparse.backend import SparseAttentionBackend, SparseMetadata, SparseMetadataBuilder
+from vllm_sparse.backend import SparseMetadata
 from vllm_sparse.config import SparseConfig
-from vllm_sparse.eviction import channel
-from vllm_sparse.eviction.impl import EvictingImpl
+from vllm_sparse.eviction.impl import EvictingBackend, EvictingImpl, EvictingMetadataBuilder
 from vllm_sparse.sparsek import hf_attention
 from vllm_sparse.sparsek.policy import SparseKPolicy
 from vllm_sparse.sparsek.scorer import SparseKScorer
@@ -56,14 +55,6 @@ def load_scorer(config: SparseConfig) -> tuple[SparseKScorer, Path, int]:
                          f"top-k after the scorer's window of {scorer.window} tokens; allowed: "
                          f"budget >= {scorer.window + 1} (k = budget - window)")
     return scorer, path, k
-
-
-class SparseKMetadataBuilder(SparseMetadataBuilder):
-    """The shared metadata, plus the eviction channel's block size."""
-
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        channel.WORKER.expect_block_size(kv_cache_spec.block_size)
 
 
 class SparseKImpl(EvictingImpl):
@@ -138,7 +129,7 @@ class SparseKImpl(EvictingImpl):
         self._count(valid, md.seq_lens[md.decode_rows], 0)
 
 
-class SparseKBackend(SparseAttentionBackend):
+class SparseKBackend(EvictingBackend):
     """`--attention-backend sparsek`: SparseK with an evicting KV-cache spec (pages outside
     every request's k slots and window return to vLLM's block pool)."""
 
@@ -154,10 +145,4 @@ class SparseKBackend(SparseAttentionBackend):
 
     @staticmethod
     def get_builder_cls():
-        return SparseKMetadataBuilder
-
-    @classmethod
-    def customize_spec(cls, spec):
-        from vllm_sparse.eviction.cache import evicting_spec
-
-        return evicting_spec(spec)
+        return EvictingMetadataBuilder
