@@ -46,7 +46,8 @@ Conventions (shared by the kernels and the reference):
 * `sparsek_ref`: the same operator in pure torch (an autograd.Function with the analytic
   backward). tau is found exactly, sort-based and in float64: f at all 2n sorted breakpoints
   (prefix sums), the piece whose ends bracket k, one Newton step from its midpoint (exact on
-  that piece); the flat case from the sorted scores.
+  that piece); the flat case from the sorted scores. Long rows are first cut to their top
+  max k + 1 + 64 scores where that provably leaves tau unchanged (`_tau_banded_ref`).
 """
 
 import os
@@ -305,11 +306,35 @@ def _tau_ref(z, k):
     return torch.where(k >= nv, -_INF, torch.where(k <= 0, _INF, tau))
 
 
+def _tau_banded_ref(z, k, margin: int = 64):
+    """`_tau_ref` computed on each row's top m = max k + 1 + margin scores where that is exact.
+
+    With j = floor(k) + 1 (> k), tau >= z_(j) - 1: else the top j entries all have p = 1 and
+    f(tau) >= j > k. So every entry with z <= z_(j) - 1 has p = 0 and leaves f unchanged on
+    [z_(j) - 1, inf), where the root lies; the flat case and k >= n_valid read only the top
+    j + 1 <= m entries. A row whose m-th largest score is <= z_(j) - 1 (or -inf: at most m
+    valid) therefore has the same tau from its top m; other rows take `_tau_ref` whole.
+    Training rows have n ~ 4k and m ~ k: most of the sort-and-search work goes away.
+    """
+    rows, n = z.shape
+    m = int(k.clamp(0, n).max().ceil().item()) + 1 + margin if rows else n
+    if m >= n:
+        return _tau_ref(z, k)
+    top = z.topk(m, dim=-1).values                                       # descending, -inf last
+    j = (k.floor().long() + 1).clamp(1, m)
+    exact = top[:, -1] <= top.gather(-1, (j - 1)[:, None])[:, 0] - 1
+    tau = _tau_ref(top, k)
+    rest = (~exact).nonzero()[:, 0]
+    if len(rest):
+        tau[rest] = _tau_ref(z[rest], k[rest])
+    return tau
+
+
 def _forward_ref(z, k, lengths):
     """(p [R, n] z's dtype, tau [R]): tau exact in float64, rounded to the compute dtype (fp32, fp64 for fp64 z)."""
     ct = torch.float64 if z.dtype == torch.float64 else torch.float32
     zm = _masked_ref(z, lengths)
-    tau = _tau_ref(zm, k.double()).to(ct)
+    tau = _tau_banded_ref(zm, k.double()).to(ct)
     valid = zm > -_INF
     p = (zm.to(ct).masked_fill(~valid, 0) - tau[:, None]).clamp(0, 1).masked_fill(~valid, 0)
     return p.to(z.dtype), tau

@@ -10,7 +10,8 @@ import pytest
 import torch
 from paged_inputs import DEVICE  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
 
-from kernels.sparsek_topk import _backward_ref, _backward_triton, sparsek, sparsek_ref  # noqa: E402
+from kernels.sparsek_topk import (  # noqa: E402
+    _backward_ref, _backward_triton, _tau_banded_ref, _tau_ref, sparsek, sparsek_ref)
 
 # Row shapes: one entry, a 7-wide row (n not a power of two), extra batch dims, 100 and
 # 1000 columns (one 128 / 1024-wide tile under the interpreter).
@@ -154,6 +155,31 @@ def test_reference_flat_case_and_ties():
     p.backward(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]], dtype=torch.float64, device=DEVICE))
     torch.testing.assert_close(z.grad[0], torch.tensor([0, 0, -1.5, -0.5, 0.5, 1.5], dtype=torch.float64,
                                                        device=DEVICE))
+
+
+@pytest.mark.parametrize("margin", [0, 8, 64])
+def test_reference_banded_tau_equals_whole_rows(margin):
+    """The top-m cut of `_tau_banded_ref` gives `_tau_ref`'s tau on whole rows, both for rows
+    whose band fits in m (they take the cut) and for rows that do not (dense scores: they fall
+    back): fractional and integer k, flat-case gaps, ties, -inf entries and short rows."""
+    n, gen = 300, torch.Generator().manual_seed(5)
+    spread = torch.randn(8, n, generator=gen, dtype=torch.float64) * 2.0      # band fits
+    dense = torch.randn(8, n, generator=gen, dtype=torch.float64) * 0.01     # band overflows
+    ties = (torch.randn(8, n, generator=gen, dtype=torch.float64) * 2).round() / 2
+    flat = spread.clone()
+    flat[:, :5] += 10.0                                                      # gap > 1 after the top 5
+    short = spread.masked_fill(torch.rand(8, n, generator=gen, dtype=torch.float64) > 0.1, float("-inf"))
+    z = torch.cat([spread, dense, ties, flat, short]).to(DEVICE)
+    k = torch.tensor([1, 3, 2.5, 7.75, 40, 0, 5, 300], dtype=torch.float64).repeat(5).to(DEVICE)
+    k_small = k.clamp(max=40)               # k = 300 = n makes m >= n: whole rows; 40 cuts them
+    m = int(k_small.max()) + 1 + margin
+    top = z.topk(m, dim=-1).values
+    j = (k_small.floor().long() + 1).clamp(1, m)
+    cut = top[:, -1] <= top.gather(-1, (j - 1)[:, None])[:, 0] - 1
+    assert 0 < int(cut.sum()) < len(cut), "both branches must run"
+    for budget in (k, k_small):
+        torch.testing.assert_close(_tau_banded_ref(z, budget, margin), _tau_ref(z, budget),
+                                   atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("shape,k", [((3, 7), 2.5), ((2, 12), 4), ((2, 2, 9), "per-row")])

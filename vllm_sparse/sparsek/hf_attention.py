@@ -68,20 +68,25 @@ class SparseKStep:
     top: dict = field(default_factory=dict)
 
 
-def _block(q, k, v, u, start: int, top_k: int, window: int, scaling: float, kernels: str):
-    """q [Hkv, g, Q, D] (queries at positions start..start+Q-1), k, v [Hkv, K, D], u [Hkv, K]
-    -> (out [Hkv, g, Q, D], stats [3]: p sum, free count, top count over rows with > k candidates)."""
-    pos = torch.arange(start, start + q.shape[2], device=q.device)
-    attended, weights = attention_rule(u, top_k, window, pos, kernels)               # [H, Q, K]
-    s = torch.einsum("hgqd,hkd->hgqk", q, k) * scaling
-    a = s.masked_fill(~attended[:, None], float("-inf")).softmax(dim=-1)
-    out = torch.einsum("hgqk,hkd->hgqd", a * weights[:, None].to(a.dtype), v)
+def _rule_block(u, start: int, n_q: int, top_k: int, window: int, kernels: str):
+    """Scores u [Hkv, K] of the first K tokens, queries at positions start..start+n_q-1 ->
+    (attended [Hkv, Q, K] bool, value weights [Hkv, Q, K] (differentiable in u), stats [3]:
+    p sum, free count, top count over rows with > k candidates)."""
+    pos = torch.arange(start, start + n_q, device=u.device)
+    attended, weights = attention_rule(u, top_k, window, pos, kernels)
     with torch.no_grad():
         many = (pos >= window + top_k)[None, :, None]                                # > k candidates
-        top = many & attended & (torch.arange(k.shape[1], device=q.device) <= pos[:, None] - window)
+        top = many & attended & (torch.arange(u.shape[1], device=u.device) <= pos[:, None] - window)
         p = torch.where(top, weights, 0)
         stats = torch.stack([p.sum(), (top & (p > 0) & (p < 1)).sum(), top.sum()]).double()
-    return out, stats
+    return attended, weights, stats
+
+
+def _attend_block(q, k, v, attended, weights, scaling: float):
+    """q [Hkv, g, Q, D], k, v [Hkv, K, D], attended / weights [Hkv, Q, K] -> out [Hkv, g, Q, D]."""
+    s = torch.einsum("hgqd,hkd->hgqk", q, k) * scaling
+    a = s.masked_fill(~attended[:, None], float("-inf")).softmax(dim=-1)
+    return torch.einsum("hgqk,hkd->hgqd", a * weights[:, None].to(a.dtype), v)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, u: torch.Tensor,
@@ -89,7 +94,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, u: torch
            kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence: query [Hq, Nq, D] (the last Nq positions), key / value [Hkv, N, D],
     u [Hkv, N] -> (out [Hq, Nq, D] in query's dtype, stats [3] (see `SparseKStep`)).
-    Computed in float32 at least; query blocks are checkpointed when autograd is on."""
+    Computed in float32 at least. Under autograd the attention of each query block is
+    checkpointed (its [Hq, block, N] probabilities are recomputed in backward); the rule
+    (top-k and SPARSEK, [Hkv, block, N]) is kept, so SPARSEK runs once per forward."""
     heads_q, n_q, dim = query.shape
     heads, n = key.shape[:2]
     dtype = torch.promote_types(query.dtype, torch.float32)
@@ -99,13 +106,13 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, u: torch
     for first in range(0, n_q, query_block):
         last = min(n_q, first + query_block)
         end = n - n_q + last                                                         # causal end
-        args = (qg[:, :, first:last], k[:, :end], v[:, :end], u[:, :end], n - n_q + first,
-                top_k, window, scaling, kernels)
+        attended, weights, block_stats = _rule_block(u[:, :end], n - n_q + first, last - first,
+                                                     top_k, window, kernels)
+        args = (qg[:, :, first:last], k[:, :end], v[:, :end], attended, weights, scaling)
         if torch.is_grad_enabled():
-            out, block_stats = checkpoint(_block, *args, use_reentrant=False)
+            outs.append(checkpoint(_attend_block, *args, use_reentrant=False))
         else:
-            out, block_stats = _block(*args)
-        outs.append(out)
+            outs.append(_attend_block(*args))
         stats += block_stats
     return torch.cat(outs, dim=2).reshape(heads_q, n_q, dim).to(query.dtype), stats
 
