@@ -1,13 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """vLLM's Ray executor on CPU (`VLLM_SPARSE_CPU_RAY=1`): Radar inside Ray worker actors gives
-the mp executor's output, token for token and in attended tokens.
+the single-process output, token for token and in attended tokens.
 
 Each run is a subprocess with its own local Ray instance (`address="local"`, so a cluster
 someone else started is never joined), declaring one logical `GPU` slot per CPU worker
 (see `vllm_sparse/ray_cpu_platform.py`). The engine runs in its own process, as under
 `vllm serve`, and joins that instance through `RAY_ADDRESS`; Ray is shut down before the
-script exits. The reference is the mp executor at TP=1 (its TP=2 equals TP=1:
-test_tensor_parallel.py)."""
+script exits. The reference is TP=1 in the test process (`test_tensor_parallel.tp1_run`;
+the mp executor's TP=2 equals it there)."""
 
 import importlib.util
 import json
@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.e2e.test_tensor_parallel import METHODS, ROOT
+from tests.e2e.test_tensor_parallel import METHODS, ROOT, tp1_run  # noqa: F401 (fixture)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -28,28 +28,21 @@ pytestmark = [
 
 SCRIPT = r"""
 import json, os, sys
-from vllm import LLM, SamplingParams
-from vllm_sparse.models import long_text
-
-model, sparse, tp, backend = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-if backend == "ray":
-    import ray
-    ctx = ray.init(address="local", num_cpus=2, num_gpus=tp, include_dashboard=False)
-    os.environ["RAY_ADDRESS"] = ctx.address_info["gcs_address"]  # for the engine process
-text = long_text()
-prompts = [text[:900], text[30000:30500]]
-llm = LLM(model=model, dtype="float32", enforce_eager=True, seed=0, max_model_len=2048,
-          tensor_parallel_size=tp, distributed_executor_backend=backend,
-          attention_backend="radar", additional_config={"vllm_sparse": sparse})
-params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+import ray
+from vllm import LLM
 from tests.e2e.test_ray import worker_facts
-from tests.e2e.test_tensor_parallel import layer_stats
-facts, stats = llm.apply_model(worker_facts), llm.apply_model(layer_stats)
+from tests.e2e.test_tensor_parallel import generate
+
+model, sparse, tp = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+ctx = ray.init(address="local", num_cpus=2, num_gpus=tp, include_dashboard=False)
+os.environ["RAY_ADDRESS"] = ctx.address_info["gcs_address"]  # for the engine process
+llm = LLM(model=model, dtype="float32", enforce_eager=True, seed=0, max_model_len=2048,
+          tensor_parallel_size=tp, distributed_executor_backend="ray",
+          attention_backend="radar", additional_config={"vllm_sparse": sparse})
+result = {**generate(llm), "facts": llm.apply_model(worker_facts)}
 del llm
-if backend == "ray":
-    ray.shutdown()
-print("RESULT" + json.dumps({"tokens": tokens, "facts": facts, "stats": stats}))
+ray.shutdown()
+print("RESULT" + json.dumps(result))
 """
 
 
@@ -63,16 +56,13 @@ def worker_facts(model):
     return type(current_platform).__name__, actor
 
 
-def _run(model, tp, backend, ray_executor="v2"):
+def _run_ray(model, tp, ray_executor):
     env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # apply_model pickles
-               PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0")
-    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "RAY_ADDRESS", "VLLM_SPARSE_CPU_RAY",
-                 "VLLM_USE_RAY_V2_EXECUTOR_BACKEND"):
+               PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0", VLLM_SPARSE_CPU_RAY="1",
+               VLLM_USE_RAY_V2_EXECUTOR_BACKEND="1" if ray_executor == "v2" else "0")
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "RAY_ADDRESS"):
         env.pop(name, None)
-    if backend == "ray":
-        env["VLLM_SPARSE_CPU_RAY"] = "1"
-        env["VLLM_USE_RAY_V2_EXECUTOR_BACKEND"] = "1" if ray_executor == "v2" else "0"
-    args = [sys.executable, "-c", SCRIPT, model, json.dumps(METHODS["radar"]), str(tp), backend]
+    args = [sys.executable, "-c", SCRIPT, model, json.dumps(METHODS["radar"]), str(tp)]
     # own process group: on a timeout, Ray's processes go with the script
     with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as proc:
@@ -85,24 +75,18 @@ def _run(model, tp, backend, ray_executor="v2"):
     return json.loads(out.split("RESULT", 1)[1].splitlines()[0])
 
 
-@pytest.fixture(scope="module")
-def mp_tp1(tiny_model):
-    result = _run(tiny_model, 1, "mp")
-    assert result["facts"] == [["CpuPlatform", None]]
-    return result
-
-
 # TP=2 through both of vLLM's Ray executors: RayExecutorV2 (the default) and the legacy
 # RayDistributedExecutor (Ray compiled graph). (TP=1 through Ray also passes; it is left out
 # of CI to save its two minutes.)
 @pytest.mark.parametrize("tp, ray_executor", [(2, "v2"), (2, "legacy")])
-def test_ray_executor_equals_mp(tiny_model, mp_tp1, tp, ray_executor):
-    got = _run(tiny_model, tp, "ray", ray_executor)
-    assert got["tokens"] == mp_tp1["tokens"]
+def test_ray_executor_equals_tp1(tiny_model, tp1_run, tp, ray_executor):
+    one_rank = tp1_run("radar")             # shared with test_tensor_parallel.py
+    got = _run_ray(tiny_model, tp, ray_executor)
+    assert got["tokens"] == one_rank["tokens"]
     assert len(got["facts"]) == tp and len({actor for _, actor in got["facts"]}) == tp
     for platform, actor in got["facts"]:     # each rank is its own Ray actor
         assert platform == "RayCpuPlatform" and actor
-    (one,) = mp_tp1["stats"]
+    (one,) = one_rank["stats"]
     for rank in got["stats"]:
         for kv_heads, queries, attended, context in rank:
             assert kv_heads == 2 // tp

@@ -8,6 +8,7 @@ Each rank selects for the KV heads it holds and no collective is added, so decis
 one process. vLLM's CPU workers need `VLLM_CPU_OMP_THREADS_BIND="0|1"` on a 2-core,
 one-NUMA-node machine."""
 
+import gc
 import json
 import os
 import subprocess
@@ -22,25 +23,34 @@ METHODS = {
     "recycled": {"budget": 64, "recycled": {"check_every": 2, "similarity_threshold": 0.95}},
     "sparsek": {"budget": 80},            # + the scorer file (`_config`); evicts pages
 }
+PROMPT_SLICES = [(0, 900), (30000, 30500)]     # two prompts from long_text()
+MAX_TOKENS = 24
 SCRIPT = r"""
 import json, sys
-from vllm import LLM, SamplingParams
-from vllm_sparse.models import long_text
+from vllm import LLM
+from tests.e2e.test_tensor_parallel import generate
 
-model, method, sparse, tp = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-text = long_text()
-prompts = [text[:900], text[30000:30500]]
+model, method, sparse = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 llm = LLM(model=model, dtype="float32", enforce_eager=True, seed=0, max_model_len=2048,
-          tensor_parallel_size=tp, attention_backend=method,
+          tensor_parallel_size=2, attention_backend=method,
           additional_config={"vllm_sparse": sparse})
-params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
-from tests.e2e.test_tensor_parallel import layer_stats
-stats = llm.apply_model(layer_stats)
-print("RESULT" + json.dumps({"tokens": tokens, "stats": stats}))
+print("RESULT" + json.dumps(generate(llm)))
 """
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def generate(llm) -> dict:
+    """Greedy tokens of the two prompts and every rank's `layer_stats`."""
+    from vllm import SamplingParams
+
+    from vllm_sparse.models import long_text
+
+    text = long_text()
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs = llm.generate([text[a:b] for a, b in PROMPT_SLICES], params, use_tqdm=False)
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outputs],
+            "stats": llm.apply_model(layer_stats)}
 
 
 def layer_stats(model):
@@ -64,22 +74,46 @@ def _config(method, tmp_path) -> dict:
     return config
 
 
-def _run(model, method, tp, config):
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == 2 else "auto",
+def _run_tp2(model, method, config):
+    """TP=2 in a subprocess: the mp executor's two workers, one core each."""
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1",
                VLLM_ALLOW_INSECURE_SERIALIZATION="1",   # apply_model pickles the function
                PYTHONPATH=ROOT)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, model, method,
-                           json.dumps(config), str(tp)],
+                           json.dumps(config)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1].splitlines()[0])
 
 
+_TP1_RUNS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def tp1_run(tiny_model, tmp_path_factory):
+    """method -> its TP=1 run (tokens, layer stats), in this process's engine (one rank, no
+    workers); memoized in `_TP1_RUNS` for the session, also where test_ray.py imports this
+    fixture (pytest then holds a second instance of it)."""
+    runs = _TP1_RUNS
+
+    def run(method):
+        if method not in runs:
+            from vllm import LLM
+
+            llm = LLM(model=tiny_model, dtype="float32", enforce_eager=True, seed=0,
+                      max_model_len=2048, attention_backend=method,
+                      additional_config={"vllm_sparse": _config(method, tmp_path_factory.mktemp(method))})
+            runs[method] = generate(llm)
+            del llm
+            gc.collect()
+        return runs[method]
+    return run
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_tp2_equals_tp1(tiny_model, method, tmp_path):
-    config = _config(method, tmp_path)
-    one, two = _run(tiny_model, method, 1, config), _run(tiny_model, method, 2, config)
+def test_tp2_equals_tp1(tiny_model, tp1_run, method, tmp_path):
+    one, two = tp1_run(method), _run_tp2(tiny_model, method, _config(method, tmp_path))
     assert two["tokens"] == one["tokens"]
     assert len(two["stats"]) == 2                       # two ranks
     for rank in two["stats"]:
