@@ -70,8 +70,9 @@ benchmarks/results/quality[_small].json: a list of runs, each with device, machi
 date, settings and rows; runs from another device already in the file are kept.
 
 --merge: instead of replacing this device's run, merge this run's rows into it (it must have
-the same model, dtype, --format, --seed, --windows and --samples, else the script stops before
-running anything). A row replaces the stored row of the same cell (kind, task, context, method,
+the same model, dtype, --format and --seed, and the same --windows / --samples in every cell
+that the stored run already has rows of, else the script stops before running anything; a
+new cell, e.g. a new context, may use other windows or samples, shown per row). A row replaces the stored row of the same cell (kind, task, context, method,
 budget fraction); the others are kept, and the merge (command, date, machine, methods) is
 listed in the run's `merged`. When dense is not among --methods, dense is not rerun: the
 stored dense row of the same cell (same windows or samples) is the reference for "vs dense"
@@ -105,7 +106,7 @@ LEARNED_METHODS = ("nats",)
 EVICTING_METHODS = ("nats", "sparsek")   # the others keep every KV token: kv_kept = 1.0
 SPARSE_PREFILL_METHODS = ("nats", "sparsek")   # prefill already follows the policy: no eval mode
 WEIGHTS = {"nats": ("gates", "gates_path"), "sparsek": ("scorer", "scorer_path")}
-MERGE_SETTINGS = ("windows", "samples", "format", "seed")  # cell-defining, must match to merge
+MERGE_SETTINGS = ("format", "seed")  # run-defining, must match to merge (cells: `cell_size`)
 
 
 def set_environment() -> None:
@@ -344,14 +345,33 @@ def stored_run(path: Path, device: str) -> dict | None:
     return next((r for r in read_runs(path) if r.get("device") == device), None)
 
 
+def cell_size(row) -> tuple[str, int | None]:
+    """What a row's score averages over: ("windows", n) for perplexity, ("samples", n) for tasks."""
+    return ("windows", row.get("windows")) if row["kind"] == "perplexity" \
+        else ("samples", row.get("samples"))
+
+
 def check_mergeable(old: dict, settings: dict, dtype: str, model: str) -> None:
-    """Raise ValueError unless a run with these settings may be merged into `old`."""
+    """Raise ValueError unless a run with these settings may be merged into `old`: the same
+    model, dtype, --format and --seed, and, in every cell this run measures that `old` has rows
+    of, the same windows (perplexity) or samples (tasks). New cells may have their own."""
     have = old.get("settings", {})
     diff = [f"{k} {have.get(k)!r} (stored) vs {settings.get(k)!r}" for k in MERGE_SETTINGS
             if have.get(k) != settings.get(k)]
     diff += [f"{k} {old.get(k)!r} (stored) vs {v!r}" for k, v in (("dtype", dtype),
                                                                    ("model", model))
              if old.get(k) != v]
+    planned = {("perplexity", None, c): ("windows", settings.get("windows"))
+               for c in settings.get("ppl_contexts") or []}
+    planned.update({("task", t, c): ("samples", settings.get("samples"))
+                    for t in settings.get("tasks") or [] for c in settings.get("task_contexts") or []})
+    for r in old.get("rows", []):
+        want = planned.get(dense_key(r))
+        if want is not None and cell_size(r) != want:
+            cell = dense_key(r)
+            diff.append(f"{want[0]} {cell_size(r)[1]} (stored {cell[1] or cell[0]} at {cell[2]}) "
+                        f"vs {want[1]}")
+            planned.pop(cell)
     if diff:
         raise ValueError("cannot --merge into the stored run of device "
                          f"{old.get('device')!r}: {'; '.join(diff)}; use the stored settings, "

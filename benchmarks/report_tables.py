@@ -97,6 +97,12 @@ def _budget_lines(rows, context) -> list[tuple]:
     return lines or [(None, DASH)]
 
 
+def _sizes(rows, key: str) -> str:
+    """The windows / samples a cell's scores average over ("?" if not recorded)."""
+    values = sorted({r.get(key) for r in rows}, key=lambda v: (v is None, v or 0))
+    return "/".join("?" if v is None else str(v) for v in values) or "?"
+
+
 def quality_perplexity(run: dict) -> str:
     rows = [r for r in run.get("rows", []) if r["kind"] == "perplexity"]
     if not rows:
@@ -106,14 +112,15 @@ def quality_perplexity(run: dict) -> str:
     out = []
     for context in sorted({r["context"] for r in rows}):
         ref = at.get(("dense", context, None))
+        size = _sizes([r for r in rows if r["context"] == context], "windows")
         for key, budget_text in _budget_lines(rows, context):
-            line = [f"{context:,}", budget_text]
+            line = [f"{context:,}", size, budget_text]
             for m in methods:
                 dense = m == "dense"
                 line.append(cell(at.get((m, context, None if dense else key)),
                                  None if dense else ref))
             out.append(line)
-    return table(["context", "budget (tokens)", *methods], out)
+    return table(["context", "windows", "budget (tokens)", *methods], out)
 
 
 def quality_tasks(run: dict) -> str:
@@ -127,14 +134,15 @@ def quality_tasks(run: dict) -> str:
     for task, context in cells:
         ref = at.get(("dense", task, context, None))
         here = [r for r in rows if r["task"] == task]
+        size = _sizes([r for r in here if r["context"] == context], "samples")
         for key, budget_text in _budget_lines(here, context):
-            line = [task, f"{context:,}", budget_text]
+            line = [task, f"{context:,}", size, budget_text]
             for m in methods:
                 dense = m == "dense"
                 line.append(cell(at.get((m, task, context, None if dense else key)),
                                  None if dense else ref))
             out.append(line)
-    return table(["task", "context", "budget (tokens)", *methods], out)
+    return table(["task", "context", "samples", "budget (tokens)", *methods], out)
 
 
 def speed_table(run: dict, key: str, digits: int) -> str:

@@ -92,12 +92,34 @@ def test_merge_into_nothing_is_the_run_itself():
 @pytest.mark.parametrize("key,value", [("windows", 4), ("samples", 32), ("format", "plain"),
                                        ("seed", 1)])
 def test_merge_refuses_other_cell_settings(key, value):
+    """Format and seed define the run; windows and samples define a cell, so they must match
+    in the cells the stored run has (perplexity 2K / 4K, niah_single 2K here)."""
     with pytest.raises(ValueError, match=f"cannot --merge.*{key}"):
         quality.check_mergeable(OLD, {**SETTINGS, key: value}, "float32", OLD["model"])
     with pytest.raises(ValueError, match="dtype"):
         quality.check_mergeable(OLD, SETTINGS, "bfloat16", OLD["model"])
     quality.check_mergeable(OLD, {**SETTINGS, "methods": ["nats"], "ppl_contexts": [1024]},
                             "float32", OLD["model"])
+
+
+def test_merge_new_cells_may_have_their_own_windows_and_samples():
+    """7.5K cells with 4 windows and 32 samples join a stored run of 2 windows / 16 samples; the
+    report shows each cell's own count."""
+    settings = {**SETTINGS, "ppl_contexts": [7680], "task_contexts": [7680], "windows": 4,
+                "samples": 32}
+    quality.check_mergeable(OLD, settings, "float32", OLD["model"])
+    with pytest.raises(ValueError, match=r"samples 16 \(stored niah_single at 2048\) vs 32"):
+        quality.check_mergeable(OLD, {**settings, "task_contexts": [2048, 7680]}, "float32",
+                                OLD["model"])
+    new_rows = [row("perplexity", 7680, "dense", 9.0), row("perplexity", 7680, "radar", 9.2, 0.25),
+                row("task", 7680, "dense", 1.0), row("task", 7680, "radar", 0.75, 0.25)]
+    for r in new_rows:
+        r.update(windows=4) if r["kind"] == "perplexity" else r.update(samples=32)
+    merged = quality.merge_runs(json.loads(json.dumps(OLD)), run(new_rows, settings))
+    assert len(merged["rows"]) == 10
+    ppl, tasks = report_tables.quality_perplexity(merged), report_tables.quality_tasks(merged)
+    assert "| 2,048 | 2 |" in ppl and "| 7,680 | 4 |" in ppl
+    assert "| niah_single | 2,048 | 16 |" in tasks and "| niah_single | 7,680 | 32 |" in tasks
 
 
 def test_merge_with_save_run_keeps_other_devices(tmp_path):
@@ -155,13 +177,14 @@ def test_report_renders_nats_learned_budget_with_kv_kept(tmp_path):
     md = report_render.render(results, tmp_path / "B.md", tmp_path / "plots", None).read_text()
     lines = [[c.strip() for c in x.strip("|").split("|")] for x in md.splitlines()
              if x.startswith("| 2,048 |")]
-    header = next(x for x in md.splitlines() if x.startswith("| context | budget"))
+    header = next(x for x in md.splitlines() if x.startswith("| context | windows"))
     assert [c.strip() for c in header.strip("|").split("|")] == \
-        ["context", "budget (tokens)", "dense", "radar", "nats"]
-    assert lines[0] == ["2,048", "25% (512)", "8.925", "9.500 (×1.064)", "—"]
-    assert lines[1] == ["2,048", "learned; KV kept: nats 31.0%", "8.925", "—",
+        ["context", "windows", "budget (tokens)", "dense", "radar", "nats"]
+    assert lines[0] == ["2,048", "2", "25% (512)", "8.925", "9.500 (×1.064)", "—"]
+    assert lines[1] == ["2,048", "2", "learned; KV kept: nats 31.0%", "8.925", "—",
                         f"9.800 (×{9.8 / 8.925:.3f})"]
-    task_line = next(x for x in md.splitlines() if x.startswith("| niah_single | 2,048 | learned"))
+    task_line = next(x for x in md.splitlines()
+                     if x.startswith("| niah_single | 2,048 | 16 | learned"))
     assert "learned; KV kept: nats 30.0%" in task_line and "0.500 (×0.500)" in task_line
     assert "Merged into this run (nats, radar; 3 rows" in md
     assert (tmp_path / "plots" / "quality_perplexity_cpu.png").exists()

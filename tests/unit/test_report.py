@@ -28,11 +28,13 @@ def meta(device, **extra):
 def ppl(context, method, score, fraction=None):
     budget = None if fraction is None else int(fraction * context)
     return {"kind": "perplexity", "context": context, "method": method, "score": score,
-            "fraction": fraction, "budget": budget}
+            "fraction": fraction, "budget": budget, "windows": 4}
 
 
 def task(name, context, method, score, fraction=None):
-    return {**ppl(context, method, score, fraction), "kind": "task", "task": name}
+    row = {**ppl(context, method, score, fraction), "kind": "task", "task": name, "samples": 32}
+    del row["windows"]
+    return row
 
 
 def speed_row(context, batch, method, tok_s, ttft):
@@ -91,14 +93,14 @@ def rows_of(md: str, first_cell: str) -> list[list[str]]:
 def test_quality_tables_hold_values_and_ratios_to_dense(rendered):
     md, _ = rendered
     quarter, half = rows_of(section(md, "Quality"), "7,680")
-    assert quarter[:2] == ["7,680", "25% (1,920)"]
+    assert quarter[:3] == ["7,680", "4", "25% (1,920)"]     # context, windows, budget
     # recycled ran at 50% only
-    assert quarter[2:] == ["10.000", "10.200 (×1.020)", "—", "12.500 (×1.250)"]
-    assert half[2:] == ["10.000", "10.050 (×1.005)", "11.000 (×1.100)", "—"]
+    assert quarter[3:] == ["10.000", "10.200 (×1.020)", "—", "12.500 (×1.250)"]
+    assert half[3:] == ["10.000", "10.050 (×1.005)", "11.000 (×1.100)", "—"]
     single = rows_of(md, "niah_single")[0]
-    assert single[3:] == ["1.000", "0.900 (×0.900)", "0.500 (×0.500)"]
+    assert single[2] == "32" and single[4:] == ["1.000", "0.900 (×0.900)", "0.500 (×0.500)"]
     multikey = rows_of(md, "niah_multikey")[0]
-    assert multikey[3:] == ["0.800", "0.800 (×1.000)", "0.200 (×0.250)"]
+    assert multikey[4:] == ["0.800", "0.800 (×1.000)", "0.200 (×0.250)"]
 
 
 def test_speed_load_and_radar_perplexity_tables(rendered):
