@@ -8,5 +8,6 @@ pool while the request runs. See DESIGN.md in this directory.
 - `channel`: the worker's decisions (`WORKER.expect_block_size`, `WORKER.report`) and their
   application in the scheduler;
 - `patch`: the one patch of vLLM that carries them (worker output -> scheduler);
-- `streaming`: a StreamingLLM prototype that exercises all of it (tests only).
+- `streaming`: a StreamingLLM prototype that exercises all of it (tests only);
+- `weights`: the shape contract of trained per-KV-head weights (NAtS gates, SparseK scorer).
 """

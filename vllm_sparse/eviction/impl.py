@@ -20,8 +20,8 @@ logger = logging.getLogger("vllm.vllm_sparse")
 
 def check_model(weights, path, num_layers: int, num_kv_heads: int, head_size: int,
                 what: str) -> None:
-    """Trained weights (`NatsGates`, `SparseKScorer`: `num_layers`, `num_kv_heads`,
-    `head_size`) must be made for this model (all of its KV heads, before TP slicing)."""
+    """Trained weights (`weights.PerKVHeadWeights`: `NatsGates`, `SparseKScorer`) must be
+    made for this model (all of its KV heads, before TP slicing)."""
     for name, have, model in (("layers", weights.num_layers, num_layers),
                               ("KV heads", weights.num_kv_heads, num_kv_heads),
                               ("head size", weights.head_size, head_size)):

@@ -26,13 +26,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vllm_sparse.eviction.weights import PerKVHeadWeights
+
 GLOBAL, LOCAL, SLIDING = 0, 1, 2
 TYPE_NAMES = ("global", "local", "sliding")
 FORMAT = "vllm_sparse.nats.gates/1"
 
 
 @dataclass
-class NatsGates:
+class NatsGates(PerKVHeadWeights):
     """Gate weights of one model.
 
     weight: [L, Hkv, 3, 2D] float32 (features are concat(k, v) of one KV head, D = head
@@ -59,18 +61,6 @@ class NatsGates:
                              "multiples of 16 (the KV block size)")
         if self.window < 0:
             raise ValueError(f"NAtS gates: window={self.window}; allowed: >= 0")
-
-    @property
-    def num_layers(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def head_size(self) -> int:
-        return self.weight.shape[3] // 2
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [Hkv, 3, 2D], bias [Hkv, 3]) of one layer."""

@@ -32,11 +32,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vllm_sparse.eviction.weights import PerKVHeadWeights
+
 FORMAT = "vllm_sparse.sparsek.scorer/1"
 
 
 @dataclass
-class SparseKScorer:
+class SparseKScorer(PerKVHeadWeights):
     """Scorer weights of one model.
 
     weight: [L, Hkv, 2D] float32 (features are concat(k, v) of one KV head, D = head size);
@@ -66,18 +68,6 @@ class SparseKScorer:
         if isinstance(self.window, bool) or int(self.window) != self.window or self.window < 0:
             raise ValueError(f"SparseK scorer: window={self.window!r}; allowed: integers >= 0")
         self.k, self.window = int(self.k), int(self.window)
-
-    @property
-    def num_layers(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def head_size(self) -> int:
-        return self.weight.shape[2] // 2
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weight [Hkv, 2D], bias [Hkv], slope [Hkv]) of one layer."""
