@@ -62,7 +62,7 @@ def merge_cells(old: dict | None, new: dict) -> dict:
     rows = [r for r in old["rows"] if (r["context"], r["batch"]) not in cells] + new["rows"]
     rows.sort(key=lambda r: (r["method"] != "dense", r["method"], r["context"], r["batch"]))
     entry = {"date": new["date"], "command": new["command"], "cells": sorted(cells),
-             "methods": sorted({r["method"] for r in new["rows"]})}
+             "methods": sorted({r["method"] for r in new["rows"]}), "rows": len(new["rows"])}
     return {**old, "rows": rows, "merged": [*old.get("merged", []), entry]}
 
 

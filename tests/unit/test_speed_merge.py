@@ -32,6 +32,7 @@ def test_measured_cells_replace_whole_cells():
                      ("dense", 4096, 1): 8, ("radar", 4096, 1): 4,          # kept cell
                      ("dense", 7680, 8): 3, ("radar", 7680, 8): 2}          # new cell
     assert merged["merged"][-1]["cells"] == [(2048, 1), (7680, 8)]
+    assert merged["merged"][-1]["rows"] == 4        # shown in the report's "Merged into" line
     assert merged["date"] == "d1" and merge_cells(None, new) is new
 
 
