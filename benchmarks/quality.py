@@ -72,8 +72,8 @@ date, settings and rows; runs from another device already in the file are kept.
 --merge: instead of replacing this device's run, merge this run's rows into it (it must have
 the same model, dtype, --format and --seed, and the same --windows / --samples in every cell
 that the stored run already has rows of, else the script stops before running anything; a
-new cell, e.g. a new context, may use other windows or samples, shown per row). A row replaces the stored row of the same cell (kind, task, context, method,
-budget fraction); the others are kept, and the merge (command, date, machine, methods) is
+new cell, e.g. a new context, may use other windows or samples, shown per row). A row
+replaces the stored row of the same cell (kind, task, context, method, budget fraction); the others are kept, and the merge (command, date, machine, methods) is
 listed in the run's `merged`. When dense is not among --methods, dense is not rerun: the
 stored dense row of the same cell (same windows or samples) is the reference for "vs dense"
 and for the task filter, and dense runs only for cells that have none. Every row's `vs_dense`
@@ -119,6 +119,7 @@ def set_environment() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keeps the progress bar readable
     # vLLM runs torch on one thread in-process unless OMP_NUM_THREADS is set (1.5x on 2 cores)
     os.environ.setdefault("OMP_NUM_THREADS", str(min(os.cpu_count() or 1, 16)))
+
 
 def csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]

@@ -23,7 +23,6 @@ import platform
 import time
 from pathlib import Path
 
-
 from results_io import command_line, read_runs, save_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 

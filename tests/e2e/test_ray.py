@@ -6,7 +6,7 @@ Each run is a subprocess with its own local Ray instance (`address="local"`, so 
 someone else started is never joined), declaring one logical `GPU` slot per CPU worker
 (see `vllm_sparse/ray_cpu_platform.py`). The engine runs in its own process, as under
 `vllm serve`, and joins that instance through `RAY_ADDRESS`; Ray is shut down before the
-script exits. The reference is TP=1 in the test process (`test_tensor_parallel.tp1_run`;
+script exits. The reference is TP=1 in the test process (the `tp1_run` fixture;
 the mp executor's TP=2 equals it there)."""
 
 import importlib.util
@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.e2e.test_tensor_parallel import METHODS, ROOT, tp1_run  # noqa: F401 (fixture)
+from tests.e2e.test_tensor_parallel import METHODS, ROOT
 
 pytestmark = [
     pytest.mark.e2e,

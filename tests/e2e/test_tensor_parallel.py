@@ -8,7 +8,6 @@ Each rank selects for the KV heads it holds and no collective is added, so decis
 one process. vLLM's CPU workers need `VLLM_CPU_OMP_THREADS_BIND="0|1"` on a 2-core,
 one-NUMA-node machine."""
 
-import gc
 import json
 import os
 import subprocess
@@ -85,30 +84,6 @@ def _run_tp2(model, method, config):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1].splitlines()[0])
-
-
-_TP1_RUNS: dict[str, dict] = {}
-
-
-@pytest.fixture(scope="session")
-def tp1_run(tiny_model, tmp_path_factory):
-    """method -> its TP=1 run (tokens, layer stats), in this process's engine (one rank, no
-    workers); memoized in `_TP1_RUNS` for the session, also where test_ray.py imports this
-    fixture (pytest then holds a second instance of it)."""
-    runs = _TP1_RUNS
-
-    def run(method):
-        if method not in runs:
-            from vllm import LLM
-
-            llm = LLM(model=tiny_model, dtype="float32", enforce_eager=True, seed=0,
-                      max_model_len=2048, attention_backend=method,
-                      additional_config={"vllm_sparse": _config(method, tmp_path_factory.mktemp(method))})
-            runs[method] = generate(llm)
-            del llm
-            gc.collect()
-        return runs[method]
-    return run
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -54,13 +54,18 @@ class EvictingMetadataBuilder(SparseMetadataBuilder):
 
 class EvictingBackend(SparseAttentionBackend):
     """Base of the evicting methods' backends: full attention becomes the evicting KV-cache
-    spec, whose pages the scheduler frees when every layer (and TP rank) evicted them."""
+    spec, whose pages the scheduler frees when every layer (and TP rank) evicted them; the
+    metadata builder tells the eviction channel the block size (`EvictingMetadataBuilder`)."""
 
     @classmethod
     def customize_spec(cls, spec):
         from vllm_sparse.eviction.cache import evicting_spec
 
         return evicting_spec(spec)
+
+    @staticmethod
+    def get_builder_cls():
+        return EvictingMetadataBuilder
 
 
 class EvictingImpl(SparseAttentionImpl):

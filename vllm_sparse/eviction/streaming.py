@@ -17,7 +17,7 @@ import torch
 
 from vllm_sparse.backend import RadarBackend, RadarImpl, SparseMetadata
 from vllm_sparse.eviction import channel
-from vllm_sparse.eviction.impl import EvictingBackend, EvictingMetadataBuilder
+from vllm_sparse.eviction.impl import EvictingBackend
 
 NAME = "STREAMING_EVICT"
 PATH = "vllm_sparse.eviction.streaming.StreamingEvictionBackend"
@@ -69,8 +69,3 @@ class StreamingEvictionBackend(EvictingBackend, RadarBackend):
     @staticmethod
     def get_impl_cls():
         return StreamingEvictionImpl
-
-    @staticmethod
-    def get_builder_cls():
-        return EvictingMetadataBuilder
-

@@ -24,7 +24,7 @@ import torch
 from vllm_sparse import reference
 from vllm_sparse.backend import SparseMetadata
 from vllm_sparse.config import SparseConfig
-from vllm_sparse.eviction.impl import EvictingBackend, EvictingImpl, EvictingMetadataBuilder
+from vllm_sparse.eviction.impl import EvictingBackend, EvictingImpl
 from vllm_sparse.sparsek import hf_attention
 from vllm_sparse.sparsek.policy import SparseKPolicy
 from vllm_sparse.sparsek.scorer import SparseKScorer
@@ -142,7 +142,3 @@ class SparseKBackend(EvictingBackend):
     @staticmethod
     def get_impl_cls():
         return SparseKImpl
-
-    @staticmethod
-    def get_builder_cls():
-        return EvictingMetadataBuilder

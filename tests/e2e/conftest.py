@@ -1,0 +1,30 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fixtures shared by the end-to-end tests."""
+
+import gc
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tp1_run(tiny_model, tmp_path_factory):
+    """method -> its TP=1 run of `test_tensor_parallel.METHODS[method]` (tokens, layer stats),
+    in this process's engine (one rank, no workers); each method runs once per session, the
+    reference of both test_tensor_parallel.py and test_ray.py."""
+    from tests.e2e.test_tensor_parallel import _config, generate
+
+    runs: dict[str, dict] = {}
+
+    def run(method):
+        if method not in runs:
+            from vllm import LLM
+
+            config = _config(method, tmp_path_factory.mktemp(method))
+            llm = LLM(model=tiny_model, dtype="float32", enforce_eager=True, seed=0,
+                      max_model_len=2048, attention_backend=method,
+                      additional_config={"vllm_sparse": config})
+            runs[method] = generate(llm)
+            del llm
+            gc.collect()
+        return runs[method]
+    return run
