@@ -1,12 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """SparseK scorer training (`vllm_sparse.train.sparsek`, `python -m vllm_sparse.train
-sparsek` / `sparsek-eval`) on the tiny random Llama: distillation lowers the KL on a fixed
+sparsek` / `sparsek-fit` / `sparsek-eval`) on the tiny random Llama: distillation lowers the KL on a fixed
 sequence, gradients reach weight and slope (not bias), resume continues the same run, the
 saved file is a `SparseKScorer` with the k / window / meta given, and the KL measurement is
 0 in the dense limit.
 
 CI needs no apt download: the CLI tests train on a small generated text (`--data`); the
-shipped scorer is trained on Debian's python3.11-doc (see configs/sparsek/README.md).
+shipped scorer is fitted (`sparsek-fit`) on Debian's python3.11-doc (see configs/sparsek/README.md).
 """
 
 import random
@@ -149,6 +149,41 @@ def test_cli_eval(tiny_model, text_file, tmp_path):
     assert from_file["kl"] == pytest.approx(streaming["kl"])
     assert SparseKScorer.load(path).meta["measured_kl_96_k8_w8"]["kl"] == pytest.approx(
         streaming["kl"])
+
+
+def test_cli_fit_saves_a_scorer_with_its_record(tiny_model, text_file, tmp_path):
+    from vllm_sparse.train.__main__ import main
+
+    out = tmp_path / "fit.safetensors"
+    fitted = main(["sparsek-fit", "--model", tiny_model, "--out", str(out), "--data",
+                   str(text_file), "--windows", "2", "--seq-len", "64", "--k", "12",
+                   "--window", "8", "--min-queries", "4", "--sharpness", "50", "--no-progress"])
+    assert (fitted.k, fitted.window, fitted.num_layers, fitted.num_kv_heads,
+            fitted.head_size) == (12, 8, LAYERS, KV_HEADS, HEAD)
+    assert fitted.weight.abs().sum() > 0 and torch.isfinite(fitted.weight).all()
+    meta = fitted.meta
+    assert meta["command"].startswith("python -m vllm_sparse.train sparsek-fit")
+    assert (meta["windows"], meta["seq_len"], meta["tokens"], meta["sharpness"]) == (2, 64, 128, 50)
+    assert str(text_file) in meta["data"] and meta["wall_time_s"] > 0
+    assert len(meta["r2_per_layer"]) == LAYERS and meta["r2_min"] <= meta["r2_mean"] <= 1
+    # the file serves as a training start
+    trained = _train(tiny_model, text_file, tmp_path / "t.safetensors", "--steps", "1",
+                     "--init", str(out))
+    assert trained.weight.shape == fitted.weight.shape
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--window", "64", "--window 64; allowed: 1 .. --seq-len - 1"),
+    ("--windows", "0", "--windows 0; allowed: >= 1"),
+    ("--windows", "10000", "the data has only"),
+])
+def test_cli_fit_errors(tiny_model, text_file, tmp_path, flag, value, message):
+    from vllm_sparse.train.__main__ import main
+
+    args = ["sparsek-fit", "--model", tiny_model, "--out", str(tmp_path / "f.safetensors"),
+            "--data", str(text_file), "--seq-len", "64", "--window", "8", "--no-progress"]
+    with pytest.raises(ValueError, match=message):
+        main(args + [flag, value])
 
 
 def test_cli_errors(tiny_model, tmp_path):

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`python -m vllm_sparse.train {nats,nats-kept,sparsek,sparsek-eval} ...` (see `--help` of each command)."""
+"""`python -m vllm_sparse.train {nats,nats-kept,sparsek,sparsek-fit,sparsek-eval} ...` (see `--help` of each command)."""
 
 import argparse
 import importlib
@@ -13,6 +13,8 @@ COMMANDS = {
                   "measure the KV fraction NAtS gates keep at a context length"),
     "sparsek": ("vllm_sparse.train.sparsek_cli", "add_train_arguments", "train",
                 "learn a SparseK scorer by self-distillation"),
+    "sparsek-fit": ("vllm_sparse.train.sparsek_cli", "add_fit_arguments", "fit",
+                    "fit a SparseK scorer to the dense model's attention maps (closed form)"),
     "sparsek-eval": ("vllm_sparse.train.sparsek_cli", "add_eval_arguments", "evaluate",
                      "measure KL(dense || SparseK) of a scorer at a context length"),
 }

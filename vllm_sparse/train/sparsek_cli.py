@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The `sparsek` (train) and `sparsek-eval` (measure) commands of `python -m vllm_sparse.train`."""
+"""The `sparsek` (train), `sparsek-fit` (closed-form fit) and `sparsek-eval` (measure) commands of `python -m vllm_sparse.train`."""
 
 import argparse
 import json
@@ -120,6 +120,73 @@ def train(args, argv: list[str]) -> SparseKScorer:
                     progress=not args.no_progress)
     print(f"saved {out} after {state.step} steps ({state.elapsed_s:.0f} s); checkpoint {ckpt}",
           flush=True)
+    return SparseKScorer.load(out)
+
+
+def add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model directory (Llama-style)")
+    p.add_argument("--out", required=True, help="scorer file to write (.safetensors)")
+    p.add_argument("--data", help="text file or directory (default: Debian python3.11-doc)")
+    p.add_argument("--windows", type=int, default=16, help="training sequences to fit on")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="top-k candidates per KV head")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help="always-attended recent tokens; attention inside it is not fitted")
+    p.add_argument("--sharpness", type=float, default=100.0,
+                   help="scores = sharpness * fitted log relative attention (large: p = 1 on "
+                        "the top-k; small: SPARSEK damps more values and passes more gradient)")
+    p.add_argument("--ridge", type=float, default=1e-3,
+                   help="ridge penalty, relative to the diagonal of the Gram matrix")
+    p.add_argument("--min-queries", type=int, default=32,
+                   help="fit only tokens that are candidates of at least this many queries")
+    p.add_argument("--query-block", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="order of the training windows")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def fit(args, argv: list[str]) -> SparseKScorer:
+    """Closed-form scorer from the dense model's attention maps (`train.sparsek_fit`)."""
+    from vllm_sparse.train import data
+    from vllm_sparse.train import sparsek_fit
+
+    for name in ("windows", "seq_len", "k", "min_queries"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}; allowed: >= 1")
+    if not 1 <= args.window < args.seq_len:
+        raise ValueError(f"--window {args.window}; allowed: 1 .. --seq-len - 1 ({args.seq_len - 1})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    corpus = data.load_corpus(args.data)
+    windows = data.TokenWindows(data.tokenize(corpus, tokenizer), args.seq_len, args.seed)
+    if len(windows) < args.windows:
+        raise ValueError(f"--windows {args.windows}: the data has only {len(windows)} windows "
+                         f"of {args.seq_len} tokens")
+    print(f"data: {corpus.description}; fitting on {args.windows} of {len(windows)} windows of "
+          f"{args.seq_len} tokens", flush=True)
+    beta, ridge_fit = sparsek_fit.fit(model, windows, args.windows, args.window,
+                                      args.min_queries, args.ridge, args.query_block,
+                                      progress=not args.no_progress)
+    r2 = ridge_fit.r_squared(beta)
+    meta = {"command": "python -m vllm_sparse.train " + shlex.join(argv),
+            "model": model.config._name_or_path, "data": corpus.description,
+            "windows": args.windows, "seq_len": args.seq_len,
+            "tokens": args.windows * args.seq_len, "k": args.k, "window": args.window,
+            "sharpness": args.sharpness, "ridge": args.ridge, "min_queries": args.min_queries,
+            "seed": args.seed, "wall_time_s": round(time.perf_counter() - start, 1),
+            "r2_mean": round(r2.mean().item(), 4), "r2_min": round(r2.min().item(), 4),
+            "r2_per_layer": [round(x, 4) for x in r2.mean(-1).tolist()],
+            "scorer": "u_j = sharpness * (w . concat(k_j, v_j) + c * j + b), (w, c, b) the "
+                      "weighted ridge fit of log(relative attention as a candidate + 1e-3) "
+                      "of the dense teacher (vllm_sparse/train/sparsek_fit.py)"}
+    scorer = sparsek_fit.scorer_from(beta, args.sharpness, args.k, args.window, meta)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scorer.save(out)
+    print(f"saved {out}: R^2 mean {meta['r2_mean']}, min {meta['r2_min']}; "
+          f"{meta['wall_time_s']} s", flush=True)
     return SparseKScorer.load(out)
 
 
