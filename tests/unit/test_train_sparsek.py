@@ -176,6 +176,8 @@ def test_cli_fit_saves_a_scorer_with_its_record(tiny_model, text_file, tmp_path)
     ("--window", "64", "--window 64; allowed: 1 .. --seq-len - 1"),
     ("--windows", "0", "--windows 0; allowed: >= 1"),
     ("--windows", "10000", "the data has only"),
+    ("--sharpness", "0", "--sharpness 0.0, --ridge 0.001; allowed: sharpness > 0, ridge >= 0"),
+    ("--ridge", "-1", "--ridge -1.0; allowed"),
 ])
 def test_cli_fit_errors(tiny_model, text_file, tmp_path, flag, value, message):
     from vllm_sparse.train.__main__ import main

@@ -155,6 +155,9 @@ def fit(args, argv: list[str]) -> SparseKScorer:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}; allowed: >= 1")
     if not 1 <= args.window < args.seq_len:
         raise ValueError(f"--window {args.window}; allowed: 1 .. --seq-len - 1 ({args.seq_len - 1})")
+    if not args.sharpness > 0 or not args.ridge >= 0:
+        raise ValueError(f"--sharpness {args.sharpness}, --ridge {args.ridge}; allowed: "
+                         "sharpness > 0, ridge >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()

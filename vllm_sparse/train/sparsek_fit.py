@@ -112,8 +112,7 @@ class RidgeFit:
 
     Features per token: concat(k_j, v_j) [2D], position j, 1 (F = 2D + 2). xtx [L, Hkv, F, F]
     and xty [L, Hkv, F] are the weighted Gram matrix and moment; yty, sw, swy [L, Hkv] the
-    weighted sums of y^2, 1 and y (all float64), so `r_squared` needs no stored tokens.
-    tokens: the tokens fitted per (layer, KV head)."""
+    weighted sums of y^2, 1 and y (all float64), so `r_squared` needs no stored tokens."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_size: int):
         features = 2 * head_size + 2
@@ -121,7 +120,6 @@ class RidgeFit:
         self.xty = torch.zeros(num_layers, num_kv_heads, features, dtype=torch.float64)
         self.yty, self.sw, self.swy = (torch.zeros(num_layers, num_kv_heads, dtype=torch.float64)
                                        for _ in range(3))
-        self.tokens = 0
 
     @staticmethod
     def features(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -147,7 +145,6 @@ class RidgeFit:
         self.yty[layer] += (y * y * weight).sum(-1)
         self.sw[layer] += weight.sum()
         self.swy[layer] += (y * weight).sum(-1)
-        self.tokens += int(kept.sum()) if layer == 0 else 0
 
     def solve(self, ridge: float) -> torch.Tensor:
         """-> beta [L, Hkv, F] float64 minimising sum n_j (y_j - beta . x_j)^2 + ridge *
