@@ -73,8 +73,9 @@ date, settings and rows; runs from another device already in the file are kept.
 the same model, dtype, --format and --seed, and the same --windows / --samples in every cell
 that the stored run already has rows of, else the script stops before running anything; a
 new cell, e.g. a new context, may use other windows or samples, shown per row). A row
-replaces the stored row of the same cell (kind, task, context, method, budget fraction); the others are kept, and the merge (command, date, machine, methods) is
-listed in the run's `merged`. When dense is not among --methods, dense is not rerun: the
+replaces the stored row of the same cell (kind, task, context, method, budget fraction); the
+others are kept, and the merge (command, date, machine, methods) is listed in the run's
+`merged`. When dense is not among --methods, dense is not rerun: the
 stored dense row of the same cell (same windows or samples) is the reference for "vs dense"
 and for the task filter, and dense runs only for cells that have none. Every row's `vs_dense`
 is recomputed from the merged run's dense rows.

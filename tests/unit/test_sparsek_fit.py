@@ -65,11 +65,11 @@ def test_recording_attention_is_the_dense_model(tiny_model):
     assert count[0] == (80 - 8) * group and (mass[:, count > 0] > 0).all()
 
 
-def _synthetic(fit_, beta, n=50, heads=2, dim=3, seed=0):
+def _synthetic(beta, n=50, heads=2, dim=3, seed=0):
     """Tokens whose targets are exactly beta . x: mass = count * (exp(y) - EPS)."""
     gen = torch.Generator().manual_seed(seed)
     key, value = torch.randn(heads, n, dim, generator=gen), torch.randn(heads, n, dim, generator=gen)
-    x = fit_.features(key, value)
+    x = fit.RidgeFit.features(key, value)
     y = (x @ beta[..., None])[..., 0]
     count = torch.randint(1, 20, (n,), generator=gen).double()
     return key, value, count * (y.exp() - fit.EPS), count, x, y
@@ -79,7 +79,7 @@ def test_ridge_solve_recovers_exact_targets_and_matches_lstsq():
     beta = torch.tensor([[0.3, -0.2, 0.1, 0.5, 0.0, -0.4, -0.01, -1.0],
                          [0.0, 0.2, -0.3, 0.1, 0.2, 0.3, 0.02, -2.0]], dtype=torch.float64)
     ridge_fit = fit.RidgeFit(1, 2, 3)
-    key, value, mass, count, x, y = _synthetic(ridge_fit, beta)
+    key, value, mass, count, x, y = _synthetic(beta)
     ridge_fit.add(0, key, value, mass, count, min_count=1)
     torch.testing.assert_close(ridge_fit.solve(0.0)[0], beta)
     torch.testing.assert_close(ridge_fit.r_squared(ridge_fit.solve(0.0)),
