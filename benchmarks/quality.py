@@ -36,8 +36,8 @@ Methods:
   comes from the sparse policy, and needle answers are decoded by NAtS decode, which attends
   exactly the live tokens.
 - sparsek: `attention_backend="sparsek"` with the scorer of configs/smollm2-135m-instruct.yaml
-  (configs/sparsek/, sha256 recorded per row) at the same integer budget B (k = B - the scorer's
-  window). Like NAtS it needs no evaluation mode: its prefill applies the SparseK rule (window +
+  (configs/sparsek/, sha256 recorded per row) at the same integer budget B (k = B - W, the
+  window W from that file's `sparsek.window`: half the budget). Like NAtS it needs no evaluation mode: its prefill applies the SparseK rule (window +
   top-k by score, values scaled by p) at every prompt position, the same rule as its decode, so
   prompt log-probs come from the sparse policy. Its KV kept is measured like NAtS's (decode
   attends exactly the k kept tokens and the window).

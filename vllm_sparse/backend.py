@@ -194,7 +194,7 @@ class SparseAttentionImpl(AttentionImpl):
         self.layer_method, self.budget = self.config.for_layer(_layer_index(layer_name))
         if self.layer_method == "radar":
             self.policy = RadarPolicy(self.config.radar, self.head_size, self.scale,
-                                      use_kernels=self.mechanism.name == "triton")
+                                      kernels=self.mechanism.name)
         elif self.layer_method == "recycled":
             self.recycled = RecycledPolicy(self.config.recycled, self.num_kv_heads)
 
@@ -305,7 +305,7 @@ class SparseAttentionImpl(AttentionImpl):
         for lo, hi, valid in masks:
             rows = slice(start + lo - first, start + hi - first)
             out[rows] = reference.attend(query[rows], key, value, valid, self.scale)[0]
-            self._count(valid, torch.arange(lo + 1, hi + 1, device=query.device), 0)
+            self._count(valid.sum(-1), torch.arange(lo + 1, hi + 1, device=query.device), 0)
         self.stats.full_steps += num_full
 
     def _recycled_decode(self, query, kv_cache, md: SparseMetadata, out) -> None:
@@ -329,13 +329,13 @@ class SparseAttentionImpl(AttentionImpl):
             result[full_rows], scores = self.mechanism.decode_with_scores(
                 q[full_rows], kv_cache, block_table[full_rows], seq_lens[full_rows], self.scale)
         if partial_rows.numel():
-            partial, valid = self.mechanism.decode_tokens(
+            partial, attended = self.mechanism.decode_tokens(
                 q[partial_rows], kv_cache, block_table[partial_rows], seq_lens[partial_rows],
                 plan.tokens[partial_rows], self.scale)
             group = self.num_heads // self.num_kv_heads
             head_full = plan.full[partial_rows].repeat_interleave(group, dim=1)[..., None]
             result[partial_rows] = torch.where(head_full, result[partial_rows], partial)
-            stats.attended_tokens += int((valid.sum(-1) * ~plan.full[partial_rows]).sum())
+            stats.attended_tokens += int((attended * ~plan.full[partial_rows]).sum())
         stats.attended_tokens += int((plan.full * seq_lens[:, None]).sum())
         stats.queries += plan.full.numel()
         stats.context_tokens += int(seq_lens.sum()) * self.num_kv_heads
@@ -374,9 +374,9 @@ class SparseAttentionImpl(AttentionImpl):
         if gather:
             pages, sinks, window = _with_dense_rows(selection, dense, seq_lens, block_size,
                                                     self.num_kv_heads)
-            out, valid = self.mechanism.decode(query, kv_cache, block_table, seq_lens, pages,
-                                               sinks, window, self.scale)
-            self._count(valid, seq_lens, int(dense.sum()))
+            out, attended = self.mechanism.decode(query, kv_cache, block_table, seq_lens, pages,
+                                                  sinks, window, self.scale)
+            self._count(attended, seq_lens, int(dense.sum()))
             return out
         length = int(seq_lens.max())
         positions = torch.arange(length, device=query.device)
@@ -388,14 +388,15 @@ class SparseAttentionImpl(AttentionImpl):
             valid = torch.where(dense[:, None, None], valid, sparse_mask)
         key, value = reference.gather_kv(kv_cache, block_table[:1],
                                          positions.expand(1, self.num_kv_heads, -1))
-        self._count(valid, seq_lens, int(dense.sum()))
+        self._count(valid.sum(-1), seq_lens, int(dense.sum()))
         return reference.attend(query, key, value, valid, self.scale)[0]
 
-    def _count(self, valid: torch.Tensor, seq_lens: torch.Tensor, num_dense: int) -> None:
+    def _count(self, attended: torch.Tensor, seq_lens: torch.Tensor, num_dense: int) -> None:
+        """Counters of one batch of decode-like queries: attended [N, Hkv] tokens each."""
         stats = self.stats
-        stats.queries += valid.shape[0] * valid.shape[1]
-        stats.attended_tokens += int(valid.sum())
-        stats.context_tokens += int(seq_lens.sum()) * valid.shape[1]
+        stats.queries += attended.shape[0] * attended.shape[1]
+        stats.attended_tokens += int(attended.sum())
+        stats.context_tokens += int(seq_lens.sum()) * attended.shape[1]
         stats.dense_queries += num_dense
 
 

@@ -1,27 +1,48 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The two implementations of the backend's mechanism: pure torch and Triton kernels.
+"""The three implementations of the backend's mechanism: pure torch, Triton kernels on
+CUDA, Numba kernels on the CPU.
 
-Both take the same arguments and compute the same thing (the kernels' tests compare
-them); the config's `kernels` switch picks one: `auto` is Triton on CUDA and torch
-elsewhere, `triton` on a CPU runs the kernels under Triton's interpreter
-(`TRITON_INTERPRET=1`, slow: for tests), `torch` is the fallback everywhere.
+All take the same arguments and compute the same thing (the kernels' tests compare
+them); the config's `kernels` switch picks one: `auto` is Triton on CUDA, Numba on a CPU
+with a float32 KV cache and torch otherwise; `triton` on a CPU runs the Triton kernels
+under Triton's interpreter (`TRITON_INTERPRET=1`, slow: for tests); `torch` is the
+fallback everywhere. The Numba mechanism replaces only the sparse decode (and Radar's
+page scores); prefill, K/V writes and Recycled's scored full steps stay in torch.
 
 A decode `Selection` (pages [N, Hkv, K], per-row sinks and window) is attended by
-`decode`; dense rows are passed as every page with no sinks or window. `decode` also
-returns which tokens it attended (for the backend's counters).
+`decode`; dense rows are passed as every page with no sinks or window. `decode` and
+`decode_tokens` also return how many tokens each (row, KV head) attended, [N, Hkv]
+(for the backend's counters).
 """
 
+import logging
 import os
 
 import torch
 
 from vllm_sparse import reference
 
+logger = logging.getLogger("vllm.vllm_sparse")
+KERNEL_CHOICES = ("auto", "torch", "triton", "numba")
+
 
 def resolve_kernels(choice: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'torch' or 'triton' for a config value of 'auto' | 'torch' | 'triton'."""
+    """'torch', 'triton' or 'numba' for a config value in KERNEL_CHOICES."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"vllm_sparse: kernels={choice!r}; allowed: {', '.join(KERNEL_CHOICES)}")
     if choice == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        if device.type == "cpu" and dtype == torch.float32:
+            return "numba"
+        if not _torch_logged:
+            _torch_logged.add(True)
+            logger.info("vllm_sparse: kernels=auto runs the pure-torch mechanism on %s with %s "
+                        "(the Numba CPU kernels need float32; logged once)", device.type, dtype)
+        return "torch"
+    if choice == "numba" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"vllm_sparse: kernels='numba' needs a float32 KV cache on the CPU, got "
+                         f"{dtype} on {device.type}; use kernels='auto' or 'torch'")
     if choice == "triton" and device.type != "cuda":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("vllm_sparse: kernels='triton' on a CPU needs TRITON_INTERPRET=1 "
@@ -48,17 +69,17 @@ class TorchMechanism:
                                                      seq_len, scale)
 
     def decode(self, query, kv_cache, block_table, seq_lens, pages, sinks, window, scale):
-        """(out [N, Hq, D], valid [N, Hkv, L]: the attended tokens of the pages read)."""
+        """(out [N, Hq, D], attended [N, Hkv]: tokens attended per row and KV head)."""
         page_ids, valid = reference.selection_pages(pages, seq_lens, sinks, window,
                                                     kv_cache.shape[2])
         key, value = reference.gather_pages(kv_cache, block_table, page_ids)
-        return reference.attend(query, key, value, valid, scale)[0], valid
+        return reference.attend(query, key, value, valid, scale)[0], valid.sum(-1)
 
     def decode_tokens(self, query, kv_cache, block_table, seq_lens, tokens, scale):
-        """Token-mode decode: attend tokens [N, Hkv, W] (-1 padded); (out, valid [N, Hkv, W])."""
+        """Token-mode decode: attend tokens [N, Hkv, W] (-1 padded); (out, attended [N, Hkv])."""
         valid = reference.token_validity(tokens, seq_lens)
         key, value = reference.gather_kv(kv_cache, block_table, tokens.clamp(min=0))
-        return reference.attend(query, key, value, valid, scale)[0], valid
+        return reference.attend(query, key, value, valid, scale)[0], valid.sum(-1)
 
     def decode_with_scores(self, query, kv_cache, block_table, seq_lens, scale):
         """Dense decode plus group-max attention weights: (out, scores [N, Hkv, L])."""
@@ -96,21 +117,44 @@ class TritonMechanism:
         self._prefill(query, kv_cache, block_tables.to(torch.int32), starts, lens, scale, out=out)
 
     def decode(self, query, kv_cache, block_table, seq_lens, pages, sinks, window, scale):
-        """(out [N, Hq, D], valid [N, Hkv, L]); `valid` only feeds the counters."""
+        """(out [N, Hq, D], attended [N, Hkv]); `attended` only feeds the counters."""
         out = self._decode(query, kv_cache, block_table.to(torch.int32), seq_lens.to(torch.int32),
                            pages.to(torch.int32), "page", sinks, window, scale)
         _, valid = reference.selection_pages(pages, seq_lens, sinks, window, kv_cache.shape[2])
-        return out, valid
+        return out, valid.sum(-1)
 
     def decode_tokens(self, query, kv_cache, block_table, seq_lens, tokens, scale):
         out = self._decode(query, kv_cache, block_table.to(torch.int32), seq_lens.to(torch.int32),
                            tokens.to(torch.int32), "token", 0, 0, scale)
-        return out, reference.token_validity(tokens, seq_lens)
+        return out, reference.token_validity(tokens, seq_lens).sum(-1)
 
     def decode_with_scores(self, query, kv_cache, block_table, seq_lens, scale):
         return self._scores(query, kv_cache, block_table.to(torch.int32),
                             seq_lens.to(torch.int32), scale)
 
 
+class NumbaMechanism(TorchMechanism):
+    """Numba CPU kernels (`kernels/cpu_sparse_decode.py`) for the sparse decode; the rest is
+    torch. Float32 only (checked by `resolve_kernels`)."""
+
+    name = "numba"
+
+    def __init__(self):
+        from vllm_sparse.kernels import cpu_sparse_decode
+
+        self._decode = cpu_sparse_decode.cpu_sparse_paged_decode
+
+    def decode(self, query, kv_cache, block_table, seq_lens, pages, sinks, window, scale):
+        return self._decode(query, kv_cache, block_table, seq_lens, pages, "page", sinks, window,
+                            scale)
+
+    def decode_tokens(self, query, kv_cache, block_table, seq_lens, tokens, scale):
+        return self._decode(query, kv_cache, block_table, seq_lens, tokens, "token", 0, 0, scale)
+
+
+_torch_logged: set = set()
+_MECHANISMS = {"torch": TorchMechanism, "triton": TritonMechanism, "numba": NumbaMechanism}
+
+
 def make_mechanism(name: str):
-    return TritonMechanism() if name == "triton" else TorchMechanism()
+    return _MECHANISMS[name]()

@@ -88,5 +88,5 @@ def test_every_error_of_one_config_is_reported(tmp_path):
     text = str(info.value)
     assert "budget=-5" in text
     assert "method: Input should be 'radar', 'recycled', 'nats' or 'sparsek' (got 'quest')" in text
-    assert "kernels: Input should be 'auto', 'triton' or 'torch'" in text
+    assert "kernels: Input should be 'auto', 'triton', 'torch' or 'numba'" in text
     assert "radar.seed" in text

@@ -32,7 +32,7 @@ HELD = -(-K // BLOCK) + -(-(WINDOW + 1) // BLOCK) + 1
 oldest token shares with a freed one."""
 
 
-def random_scorer(seed=0, num_layers=4, num_kv_heads=2, head_size=64):
+def random_scorer(seed=0, num_layers=4, num_kv_heads=2, head_size=64, window=WINDOW):
     """Seeded random scorer for the tiny Llama: scores spread over a few units, so SPARSEK's
     p takes values strictly between 0 and 1 as well as 0 and 1, and a small positive slope."""
     from vllm_sparse.sparsek.scorer import SparseKScorer
@@ -40,7 +40,7 @@ def random_scorer(seed=0, num_layers=4, num_kv_heads=2, head_size=64):
     g = torch.Generator().manual_seed(seed)
     return SparseKScorer(torch.randn(num_layers, num_kv_heads, 2 * head_size, generator=g) * 0.5,
                          torch.zeros(num_layers, num_kv_heads),
-                         torch.full((num_layers, num_kv_heads), 0.002), K, WINDOW,
+                         torch.full((num_layers, num_kv_heads), 0.002), K, window,
                          {"test": "random"})
 
 
@@ -51,15 +51,15 @@ def scorer_file(tmp_path_factory):
     return path
 
 
-def _sparsek(model, scorer_path, budget=BUDGET, **kwargs):
+def _sparsek(model, scorer_path, budget=BUDGET, window=None, **kwargs):
     from vllm import LLM
 
     kwargs.setdefault("max_model_len", 2048)
+    sparsek = {"scorer": str(scorer_path)} | ({} if window is None else {"window": window})
     return LLM(model=model, dtype="float32", enforce_eager=True, seed=0, block_size=BLOCK,
                attention_backend="sparsek", enable_prefix_caching=False,
                disable_log_stats=False,
-               additional_config={"vllm_sparse": {"budget": budget,
-                                                  "sparsek": {"scorer": str(scorer_path)}}},
+               additional_config={"vllm_sparse": {"budget": budget, "sparsek": sparsek}},
                **kwargs)
 
 
@@ -84,6 +84,28 @@ def test_k_above_context_equals_dense_backend(tiny_model, scorer_file):
     assert all(s.attended_tokens == s.context_tokens and s.queries for s in stats)
     assert ev._evicted(llm) == 0
     del llm
+
+
+@pytest.mark.parametrize("window", [16, 0.25])
+def test_window_from_config_equals_hf_reference(tiny_model, scorer_file, window):
+    """sparsek.window replaces the file's window (32), as a count or a fraction of the budget
+    (0.25 of 64 = 16): k = budget - 16 = 48 and the HF reference run with window 16 agree.
+    (Before the module's shared engine exists: deleting an in-process engine tears down the
+    global parallel state another live one uses.)"""
+    from tests import hf_sparsek
+
+    llm = _sparsek(tiny_model, scorer_file, budget=K + 16, window=window)
+    prompt = ev._prompt_ids(tiny_model, 20000, 700)
+    got = counted_run(llm, [prompt], 24)
+    del llm
+    rows, oracle = hf_sparsek.score(tiny_model, random_scorer(window=16), K, prompt,
+                                    got["tokens"][0])
+    for token, logprob, (ref_logprob, ref_argmax, margin) in zip(
+            got["tokens"][0], got["logprobs"][0], rows):
+        assert abs(logprob - ref_logprob) < LOGPROB_ATOL
+        assert token == ref_argmax or margin < LOGPROB_ATOL
+    steps = len(got["tokens"][0]) - 1
+    assert got["attended"] == sum(oracle.attended) == steps * 4 * 2 * (K + 16)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +185,9 @@ def test_kv_held_bounded_2k_prompt_2k_generated(tiny_model, random_engine):
     ("small", f"budget={WINDOW} leaves no room for the top-k after the scorer's window of "
               f"{WINDOW} tokens; allowed: budget >= {WINDOW + 1}"),
     ("heads", "have KV heads=3, the model has 2; allowed: weights trained for this model"),
-    ("window", "sparsek.window=16 contradicts the scorer file"),
+    ("window", f"budget={BUDGET} leaves no room for the top-k after sparsek.window's window of "
+               f"{BUDGET} tokens"),
+    ("fraction_window", "window=1.5: a fraction of the budget must be in (0, 1)"),
 ])
 def test_bad_config_fails_at_start_up(tiny_model, tmp_path, scorer_file, case, message):
     from vllm import LLM
@@ -180,7 +204,9 @@ def test_bad_config_fails_at_start_up(tiny_model, tmp_path, scorer_file, case, m
         random_scorer(num_kv_heads=3).save(path)
         config["sparsek"]["scorer"] = str(path)
     elif case == "window":
-        config["sparsek"]["window"] = 16
+        config["sparsek"]["window"] = BUDGET
+    elif case == "fraction_window":
+        config["sparsek"]["window"] = 1.5
     with pytest.raises(Exception) as info:
         LLM(model=tiny_model, dtype="float32", enforce_eager=True, block_size=BLOCK,
             attention_backend="sparsek", max_model_len=512,

@@ -92,6 +92,44 @@ def gather_kv(kv_cache, block_table, i, t_len):
     return kv_cache[block_table[i, pos // kv_cache.shape[2]].long(), :, pos % kv_cache.shape[2]]
 
 
+def random_selection(seq_lens, hkv, mode, num_sel, *, block_size=BLOCK_SIZE, seed=1):
+    """[N, Hkv, num_sel] int32 unique entries (some beyond the context), -1 padding mixed in."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for t_len in seq_lens:
+        limit = -(-t_len // block_size) + 2 if mode == "page" else t_len + 8
+        for _ in range(hkv):
+            k = min(num_sel - 1, limit)  # always leave at least one -1
+            row = torch.cat([torch.randperm(limit, generator=gen)[:k], torch.full((num_sel - k,), -1)])
+            rows.append(row[torch.randperm(num_sel, generator=gen)])
+    return torch.stack(rows).view(len(seq_lens), hkv, num_sel).to(torch.int32).to(DEVICE)
+
+
+def dense_union_attention(query, kv_cache, block_table, seq_lens, selected, mode, sinks, window, scale):
+    """Independent check: python-set union mask + dense masked softmax in float64."""
+    n, hq, d = query.shape
+    hkv, bs = kv_cache.shape[1], kv_cache.shape[2]
+    out = torch.zeros(n, hq, d, dtype=torch.float64)
+    counts = torch.zeros(n, hkv, dtype=torch.int64)
+    for i in range(n):
+        t_len = int(seq_lens[i])
+        kv = gather_kv(kv_cache, block_table, i, t_len).double().cpu()
+        for g in range(hkv):
+            keep = set(range(min(sinks, t_len))) | set(range(max(t_len - window, 0), t_len))
+            for e in selected[i, g].tolist():
+                if e >= 0:
+                    keep |= set(range(e * bs, (e + 1) * bs)) if mode == "page" else {e}
+            keep = {t for t in keep if t < t_len}
+            counts[i, g] = len(keep)
+            mask = torch.zeros(t_len, dtype=torch.bool)
+            mask[sorted(keep)] = True
+            heads = slice(g * (hq // hkv), (g + 1) * (hq // hkv))
+            s = query[i, heads].double().cpu() @ kv[:, g, :d].T * scale
+            s = s.masked_fill(~mask, float("-inf"))
+            out[i, heads] = torch.softmax(s, dim=-1) @ kv[:, g, d:]
+    return out, counts
+
+
 def load_package_reference():
     """vllm_sparse/reference.py loaded by path: it needs only torch, and skipping the package
     __init__ avoids importing vLLM (seconds)."""

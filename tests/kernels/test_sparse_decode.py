@@ -4,7 +4,7 @@
 import pytest
 import torch
 from paged_inputs import (  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
-    BLOCK_SIZE, DEVICE, HEAD_DIM, decode_inputs, gather_kv,
+    BLOCK_SIZE, DEVICE, HEAD_DIM, decode_inputs, dense_union_attention, gather_kv, random_selection,
 )
 
 from kernels.sparse_decode import sparse_paged_decode, sparse_paged_decode_ref  # noqa: E402
@@ -31,44 +31,6 @@ def _make_inputs(seq_lens, hq, hkv, dtype, *, block_size=BLOCK_SIZE, head_dim=HE
                          seed=seed)
 
 
-def _random_selection(seq_lens, hkv, mode, num_sel, *, block_size=BLOCK_SIZE, seed=1):
-    """[N, Hkv, num_sel] int32 unique entries (some beyond the context), -1 padding mixed in."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for t_len in seq_lens:
-        limit = -(-t_len // block_size) + 2 if mode == "page" else t_len + 8
-        for _ in range(hkv):
-            k = min(num_sel - 1, limit)  # always leave at least one -1
-            row = torch.cat([torch.randperm(limit, generator=gen)[:k], torch.full((num_sel - k,), -1)])
-            rows.append(row[torch.randperm(num_sel, generator=gen)])
-    return torch.stack(rows).view(len(seq_lens), hkv, num_sel).to(torch.int32).to(DEVICE)
-
-
-def _dense_union_attention(query, kv_cache, block_table, seq_lens, selected, mode, sinks, window, scale):
-    """Independent check: python-set union mask + dense masked softmax in float64."""
-    n, hq, d = query.shape
-    hkv, bs = kv_cache.shape[1], kv_cache.shape[2]
-    out = torch.zeros(n, hq, d, dtype=torch.float64)
-    counts = torch.zeros(n, hkv, dtype=torch.int64)
-    for i in range(n):
-        t_len = int(seq_lens[i])
-        kv = gather_kv(kv_cache, block_table, i, t_len).double().cpu()
-        for g in range(hkv):
-            keep = set(range(min(sinks, t_len))) | set(range(max(t_len - window, 0), t_len))
-            for e in selected[i, g].tolist():
-                if e >= 0:
-                    keep |= set(range(e * bs, (e + 1) * bs)) if mode == "page" else {e}
-            keep = {t for t in keep if t < t_len}
-            counts[i, g] = len(keep)
-            mask = torch.zeros(t_len, dtype=torch.bool)
-            mask[sorted(keep)] = True
-            heads = slice(g * (hq // hkv), (g + 1) * (hq // hkv))
-            s = query[i, heads].double().cpu() @ kv[:, g, :d].T * scale
-            s = s.masked_fill(~mask, float("-inf"))
-            out[i, heads] = torch.softmax(s, dim=-1) @ kv[:, g, d:]
-    return out, counts
-
-
 def _sdpa_dense(query, kv_cache, block_table, seq_lens, scale):
     """Plain dense attention over the whole context with torch SDPA (float32)."""
     n, hq, d = query.shape
@@ -88,7 +50,7 @@ def _sdpa_dense(query, kv_cache, block_table, seq_lens, scale):
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(mode, hq, hkv, dtype, atol, rtol):
     query, kv_cache, block_table, seq_lens = _make_inputs(SEQ_LENS, hq, hkv, dtype)
-    selected = _random_selection(SEQ_LENS, hkv, mode, NUM_SELECTED[mode])
+    selected = random_selection(SEQ_LENS, hkv, mode, NUM_SELECTED[mode])
     args = (query, kv_cache, block_table, seq_lens, selected, mode, NUM_SINKS, WINDOW)
     out, lse = sparse_paged_decode(*args, return_lse=True)
     ref_out, ref_lse, num_attended = sparse_paged_decode_ref(*args)
@@ -112,7 +74,7 @@ def test_dedupe_against_dense_union_mask(mode):
     args = (query, kv_cache, block_table, seq_lens_t, selected, mode, NUM_SINKS, WINDOW, 0.2)
     out = sparse_paged_decode(*args, num_splits=3)
     ref_out, _, num_attended = sparse_paged_decode_ref(*args)
-    dense_out, counts = _dense_union_attention(*args)
+    dense_out, counts = dense_union_attention(*args)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(out.double().cpu(), dense_out, atol=2e-5, rtol=2e-5)
     assert num_attended.cpu().tolist() == counts.tolist()
@@ -150,7 +112,7 @@ def test_num_splits(num_splits):
     """Flash-decoding splits (some with no work at all) merge to the same result."""
     seq_lens, hq, hkv = [300, 17], 4, 2
     query, kv_cache, block_table, seq_lens_t = _make_inputs(seq_lens, hq, hkv, torch.float32, seed=5)
-    selected = _random_selection(seq_lens, hkv, "page", 8, seed=6)
+    selected = random_selection(seq_lens, hkv, "page", 8, seed=6)
     args = (query, kv_cache, block_table, seq_lens_t, selected, "page", NUM_SINKS, WINDOW)
     out, lse = sparse_paged_decode(*args, return_lse=True, num_splits=num_splits)
     ref_out, ref_lse, _ = sparse_paged_decode_ref(*args)
@@ -187,7 +149,7 @@ def test_odd_shapes_and_out_argument():
     seq_lens, hq, hkv, d, bs = [100, 7, 50], 6, 2, 80, 24
     query, kv_cache, block_table, seq_lens_t = _make_inputs(seq_lens, hq, hkv, torch.float16, block_size=bs,
                                                             head_dim=d, layout="permuted")
-    selected = _random_selection(seq_lens, hkv, "page", 3, block_size=bs)
+    selected = random_selection(seq_lens, hkv, "page", 3, block_size=bs)
     out_buf = torch.zeros(3, hq, d + 16, dtype=torch.float16, device=DEVICE)
     out = out_buf[:, :, 8:8 + d]
     args = (query, kv_cache, block_table, seq_lens_t, selected, "page", 3, 10)
@@ -206,7 +168,7 @@ def test_gpu_llama8b_shapes(mode, dtype):
     """Llama-3.1-8B attention (Hq 32, Hkv 8, D 128, block 16), ~32K contexts."""
     seq_lens, hq, hkv, d = [32768, 30001, 4099, 1], 32, 8, 128
     query, kv_cache, block_table, seq_lens_t = _make_inputs(seq_lens, hq, hkv, dtype, head_dim=d, seed=7)
-    selected = _random_selection(seq_lens, hkv, mode, 128 if mode == "page" else 2048, seed=8)
+    selected = random_selection(seq_lens, hkv, mode, 128 if mode == "page" else 2048, seed=8)
     args = (query, kv_cache, block_table, seq_lens_t, selected, mode, 64, 64)
     out, lse = sparse_paged_decode(*args, return_lse=True)
     ref_out, ref_lse, _ = sparse_paged_decode_ref(*args)
@@ -220,7 +182,7 @@ def test_gpu_llama8b_shapes(mode, dtype):
 def test_per_row_sinks_and_window(mode):
     """Sizes given per row ([N] tensors) equal running each row with its own ints."""
     query, kv_cache, block_table, seq_lens = _make_inputs(SEQ_LENS, 6, 2, torch.float32)
-    selected = _random_selection(SEQ_LENS, 2, mode, NUM_SELECTED[mode])
+    selected = random_selection(SEQ_LENS, 2, mode, NUM_SELECTED[mode])
     n = len(SEQ_LENS)
     sinks = torch.tensor([(3 * i) % 5 for i in range(n)], dtype=torch.int32, device=DEVICE)
     window = torch.tensor([(7 * i) % 11 for i in range(n)], dtype=torch.int32, device=DEVICE)

@@ -79,6 +79,29 @@ def test_sparsek_needs_a_scorer_and_an_integer_budget(tmp_path):
     config, _ = cfg.resolve(["m"], UNKNOWN_FP, {"budget": 96, "sparsek": {"scorer": str(scorer)}},
                             "sparsek")
     assert config.sparsek.scorer_path() == scorer and config.budget == 96
+    assert config.sparsek.window_tokens(96, 64) == 64          # no window set: the file's
+
+
+@pytest.mark.parametrize("window, tokens", [(0, 0), (40, 40), (0.5, 48), (0.25, 24)])
+def test_sparsek_window_is_a_count_or_a_fraction_of_the_budget(tmp_path, window, tokens):
+    scorer = tmp_path / "s.safetensors"
+    scorer.write_bytes(b"")
+    config, description = cfg.resolve(["m"], UNKNOWN_FP, {"budget": 96, "sparsek": {
+        "scorer": str(scorer), "window": window}}, "sparsek")
+    assert config.sparsek.window_tokens(config.budget, 64) == tokens
+    assert f"sparsek.window={window} (--additional-config)" in description
+
+
+@pytest.mark.parametrize("window, message", [
+    (-1, "window=-1: a token count must be >= 0"),
+    (1.0, r"window=1.0: a fraction of the budget must be in \(0, 1\)"),
+    (0.0, r"window=0.0: a fraction of the budget must be in \(0, 1\)"),
+    ("half", "sparsek.window"),
+])
+def test_bad_sparsek_window_is_named(tmp_path, window, message):
+    with pytest.raises(ValueError, match=message):
+        cfg.resolve(["m"], UNKNOWN_FP, {"sparsek": {"scorer": "x.safetensors", "window": window}},
+                    "sparsek")
 
 
 def test_recycled_defaults_and_overrides():

@@ -150,11 +150,11 @@ class NatsImpl(EvictingImpl):
         # -1 entries are read at position 0 and masked: chunk 0 is GLOBAL for every head,
         # so page 0 is never evicted.
         seq_lens = md.seq_lens[md.decode_rows].long()
-        result, valid = self.mechanism.decode_tokens(
+        result, attended = self.mechanism.decode_tokens(
             query[md.decode_token_index], kv_cache, md.block_table[md.decode_rows], seq_lens,
             tokens, self.scale)
         out[md.decode_token_index] = result
-        self._count(valid, seq_lens, 0)
+        self._count(attended, seq_lens, 0)
 
 
 _logged: set = set()

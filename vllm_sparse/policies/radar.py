@@ -73,9 +73,9 @@ class RadarPolicy(SparsePolicy):
     """
 
     def __init__(self, config: RadarConfig, head_size: int, scale: float,
-                 use_kernels: bool = False):
+                 kernels: str = "torch"):
         self.config = config
-        self.use_kernels = use_kernels
+        self.kernels = kernels      # the mechanism's name: "torch", "triton" or "numba"
         self.num_sink_tokens = config.num_sink_tokens
         self.local_window = config.local_window
         self.scale = scale
@@ -106,7 +106,7 @@ class RadarPolicy(SparsePolicy):
         if last.numel() == 0:
             return
         blocks = (last.long() // block_size).unique()
-        if self.use_kernels:
+        if self.kernels == "triton":
             from vllm_sparse.kernels.radar_score import radar_summarize_pages
 
             radar_summarize_pages(kv_cache, blocks, self.projection, self.scale, self.summaries,
@@ -125,12 +125,18 @@ class RadarPolicy(SparsePolicy):
         """Estimated attention share of each candidate page [N, Hkv, P], summed over the group."""
         num_rows, num_heads, _ = queries.query.shape
         max_pages = int(num_pages.max())
-        if self.use_kernels:
+        if self.kernels == "triton":
             from vllm_sparse.kernels.radar_score import radar_page_scores
 
             return radar_page_scores(queries.query, self.summaries, self.page_max,
                                      queries.block_table, num_pages, self.projection, self.scale,
                                      max_pages=max_pages, means=self.means)
+        if self.kernels == "numba":
+            from vllm_sparse.kernels.cpu_radar_score import cpu_radar_page_scores
+
+            return cpu_radar_page_scores(queries.query, self.summaries, self.page_max,
+                                         queries.block_table, num_pages, self.projection,
+                                         self.scale, max_pages=max_pages, means=self.means)
         blocks = queries.block_table[:, :max_pages].long()
         summaries = self.summaries[blocks].transpose(1, 2)         # [N, Hkv, P, F]
         page_max = self.page_max[blocks].transpose(1, 2)           # [N, Hkv, P]

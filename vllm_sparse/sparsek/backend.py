@@ -11,11 +11,12 @@ request holds about (k + W) / block_size + 2 pages however long it runs. Decode 
 only the slots and the window, never a freed page.
 
 The scorer file is loaded and checked against the model at start-up (layers, KV heads,
-head size, window); k = budget - window. Mechanism: pure torch (gathers and einsum) on
+head size); the window W is `sparsek.window` if set, else the file's; k = budget - W. Mechanism: pure torch (gathers and einsum) on
 every device; K/V writes use the Triton kernel on CUDA.
 """
 
 import functools
+import logging
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,6 +30,8 @@ from vllm_sparse.sparsek import hf_attention
 from vllm_sparse.sparsek.policy import SparseKPolicy
 from vllm_sparse.sparsek.scorer import SparseKScorer
 
+logger = logging.getLogger("vllm.vllm_sparse")
+
 PREFILL_QUERY_BLOCK = 256
 """Prefill queries per block (bounds the [Hkv, Q, context] masks)."""
 
@@ -38,23 +41,29 @@ def _load(path: str, mtime: float) -> SparseKScorer:
     return SparseKScorer.load(path)
 
 
-def load_scorer(config: SparseConfig) -> tuple[SparseKScorer, Path, int]:
-    """The configured scorer (cached per file) with its window checked, and k."""
+def load_scorer(config: SparseConfig) -> tuple[SparseKScorer, Path, int, int]:
+    """The configured scorer (cached per file), k and the window W: `sparsek.window` if set,
+    else the file's (the score does not depend on W; the file's is the one it was fitted
+    or trained with). k = budget - W."""
     path = config.sparsek.scorer_path()
     if not path.is_file():
         raise FileNotFoundError(f"vllm_sparse: sparsek scorer file {path} does not exist")
     scorer = _load(str(path), path.stat().st_mtime)
-    wanted = config.sparsek.window
-    if wanted is not None and wanted != scorer.window:
-        raise ValueError(f"vllm_sparse: sparsek.window={wanted} contradicts the scorer file "
-                         f"{path} (window={scorer.window}); the file is the source of truth: "
-                         f"remove sparsek.window or set it to {scorer.window}")
-    k = config.budget - scorer.window
+    window = config.sparsek.window_tokens(config.budget, scorer.window)
+    source = "the scorer's" if config.sparsek.window is None else "sparsek.window's"
+    k = config.budget - window
     if k < 1:
         raise ValueError(f"vllm_sparse: sparsek budget={config.budget} leaves no room for the "
-                         f"top-k after the scorer's window of {scorer.window} tokens; allowed: "
-                         f"budget >= {scorer.window + 1} (k = budget - window)")
-    return scorer, path, k
+                         f"top-k after {source} window of {window} tokens; allowed: "
+                         f"budget >= {window + 1} (k = budget - window)")
+    if window != scorer.window and not _window_logged:
+        _window_logged.add(True)
+        logger.info("vllm_sparse: sparsek window %d from the config (the scorer %s was fitted "
+                    "with %d), k = %d", window, path.name, scorer.window, k)
+    return scorer, path, k, window
+
+
+_window_logged: set = set()
 
 
 class SparseKImpl(EvictingImpl):
@@ -64,12 +73,12 @@ class SparseKImpl(EvictingImpl):
     weights_name = "sparsek scorer"
 
     def _load_weights(self):
-        scorer, path, self.k = load_scorer(self.config)
+        scorer, path, self.k, self.window = load_scorer(self.config)
         return scorer, path
 
     def _bind_policy(self, index: int, device: torch.device) -> None:
         weight, bias, slope = (t[self.heads].to(device) for t in self.weights.layer(index))
-        self.sparsek = SparseKPolicy(weight, bias, slope, self.k, self.weights.window)
+        self.sparsek = SparseKPolicy(weight, bias, slope, self.k, self.window)
         self._sparsek_kernels = "torch" if self.mechanism.name == "torch" else "auto"
 
     def _attend(self, md: SparseMetadata, query, kv_cache, out) -> torch.Tensor:
@@ -126,7 +135,7 @@ class SparseKImpl(EvictingImpl):
         key, value = reference.gather_kv(kv_cache, md.block_table[md.decode_rows], positions)
         out[md.decode_token_index] = reference.attend(query[md.decode_token_index], key, value,
                                                       valid, self.scale, value_weights)[0]
-        self._count(valid, md.seq_lens[md.decode_rows], 0)
+        self._count(valid.sum(-1), md.seq_lens[md.decode_rows], 0)
 
 
 class SparseKBackend(EvictingBackend):
