@@ -81,7 +81,8 @@ def cpu_radar_page_scores(query: torch.Tensor, summaries: torch.Tensor, page_max
                          f"Hkv={num_kv_heads}")
     width = int(num_pages.max()) if max_pages is None else int(max_pages)
     group = num_heads // num_kv_heads
-    q = query.float() * math.sqrt(scale)
+    query = query.float()
+    q = query * math.sqrt(scale)
     proj = q @ projection
     half_norm = (q * q).sum(-1, keepdim=True) / 2
     log_feats = torch.cat([proj - half_norm, -proj - half_norm], dim=-1)
@@ -89,7 +90,7 @@ def cpu_radar_page_scores(query: torch.Tensor, summaries: torch.Tensor, page_max
     # arithmetic on x86 (10x here), for terms that add nothing next to the max feature's 1
     q_feats = torch.exp((log_feats - log_feats.amax(-1, keepdim=True)).clamp(min=-87.0))
     q_feats = q_feats.reshape(num_rows, num_kv_heads, group, q_feats.shape[-1]).contiguous()
-    q_scaled = (query.float() * scale).reshape(num_rows, num_kv_heads, group, head_size).contiguous()
+    q_scaled = (query * scale).reshape(num_rows, num_kv_heads, group, head_size).contiguous()
     shares = torch.empty(num_rows, num_kv_heads, width, dtype=torch.float32)
     no_means = np.zeros((1, 1, 1), np.float32)
     if num_rows and width:

@@ -20,7 +20,7 @@ import json
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat,
@@ -33,6 +33,8 @@ IMPLEMENTED_METHODS = ("radar", "recycled", "nats", "sparsek")
 Method = Literal["radar", "recycled", "nats", "sparsek"]
 LayerMethod = Literal["radar", "recycled", "nats", "sparsek", "dense"]
 Budget = Union[StrictInt, StrictFloat]
+Kernels = Literal["auto", "triton", "torch", "numba"]
+KERNEL_CHOICES = get_args(Kernels)
 
 
 def _check_budget(value: Budget | None) -> Budget | None:
@@ -245,7 +247,7 @@ class SparseConfig(_Strict):
     sparsek: SparseKConfig = SparseKConfig()
     layers: dict[int, LayerOverride] = Field(default_factory=dict)
     eval_sparse_prefill_from: NonNegativeInt | None = None
-    kernels: Literal["auto", "triton", "torch", "numba"] = "auto"
+    kernels: Kernels = "auto"
 
     _budget = field_validator("budget")(classmethod(lambda cls, v: _check_budget(v)))
 

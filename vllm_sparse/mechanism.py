@@ -21,9 +21,9 @@ import os
 import torch
 
 from vllm_sparse import reference
+from vllm_sparse.config import KERNEL_CHOICES
 
 logger = logging.getLogger("vllm.vllm_sparse")
-KERNEL_CHOICES = ("auto", "torch", "triton", "numba")
 
 
 def resolve_kernels(choice: str, device: torch.device, dtype: torch.dtype) -> str:

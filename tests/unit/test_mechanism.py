@@ -25,7 +25,7 @@ def test_auto_picks_numba_for_float32_on_cpu_and_torch_otherwise():
 def test_bad_kernel_choices_name_the_value():
     with pytest.raises(ValueError, match="kernels='numba' needs a float32 KV cache.*bfloat16"):
         resolve_kernels("numba", CPU, torch.bfloat16)
-    with pytest.raises(ValueError, match="kernels='cuda'; allowed: auto, torch, triton, numba"):
+    with pytest.raises(ValueError, match="kernels='cuda'; allowed: auto, triton, torch, numba"):
         resolve_kernels("cuda", CPU, torch.float32)
 
 

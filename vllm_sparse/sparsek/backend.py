@@ -11,8 +11,9 @@ request holds about (k + W) / block_size + 2 pages however long it runs. Decode 
 only the slots and the window, never a freed page.
 
 The scorer file is loaded and checked against the model at start-up (layers, KV heads,
-head size); the window W is `sparsek.window` if set, else the file's; k = budget - W. Mechanism: pure torch (gathers and einsum) on
-every device; K/V writes use the Triton kernel on CUDA.
+head size); the window W is `sparsek.window` if set, else the file's; k = budget - W.
+Mechanism: pure torch (gathers and einsum) on every device; K/V writes use the Triton kernel
+on CUDA.
 """
 
 import functools
