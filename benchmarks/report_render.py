@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+import report_grid
 import report_plots
 import report_tables as tables
 import report_targets
@@ -79,6 +80,25 @@ def coverage_section(results: dict) -> str:
     rows = [[m, *(", ".join(found[b].get(m, [])) or "not measured" for b in benches)]
             for m in methods]
     return tables.table(["method", *benches], rows) + "\n"
+
+
+def grid_section(results: dict) -> str:
+    """Which cells of the issue's grid each method has, per device (report_grid)."""
+    header = ["device", "method", "perplexity (context × budget)",
+              f"tasks (context × budget, ≥ {report_grid.MIN_SAMPLES} samples)",
+              "decode speed (context × batch)"]
+    rows = report_grid.grid_rows(results, RUN_METHODS)
+    if not rows:
+        return "Nothing measured yet.\n"
+    return (tables.table(header, rows) + "\n\nThe grid: perplexity at "
+            + ", ".join(f"{c:,}" for c in report_grid.PPL_CONTEXTS) + "; tasks at "
+            + ", ".join(f"{c:,}" for c in report_grid.TASK_CONTEXTS) + "; budgets "
+            + ", ".join(tables.pct(f) for f in report_grid.FRACTIONS)
+            + " (dense: none; NAtS: learned, one cell per context); decode speed at "
+            + ", ".join(f"{c:,}" for c in report_grid.SPEED_CONTEXTS) + " × batch "
+            + " and ".join(map(str, report_grid.BATCHES)) + ". A task cell needs every task "
+            "dense kept (dense ≥ 80%) at that context; \"n/a\": dense kept none; \"partial\": "
+            "some of them; \"few samples\": all, with fewer samples than the grid asks.\n")
 
 
 def run_sections(bench: str, runs: list[dict], plots_dir: Path, link_dir: str, mode: str) -> str:
@@ -152,6 +172,7 @@ def document(results: dict, plots_dir: Path, link_dir: str, notes_dir: Path | No
         "benchmarks/notes/*.md; edit those, not this file. -->", "# Benchmarks", n("intro"), mode,
         "## Targets", targets_section(results),
         "## Methods measured", coverage_section(results),
+        "## Grid coverage", grid_section(results),
         "## Quality (`benchmarks/quality.py`)", n("quality"), sections("quality"),
         "## Radar perplexity (`benchmarks/radar_perplexity.py`)", n("radar_perplexity"),
         sections("radar_perplexity"), n("radar_estimator"),

@@ -218,3 +218,10 @@ def test_runner_logs_each_stage_and_reports_failures(tmp_path, monkeypatch):
     assert report.run_all("small", ["ok", "bad"]) == ["bad"]
     assert "stage ran" in (tmp_path / "logs" / "ok_small.log").read_text()
     assert "broken" in (tmp_path / "logs" / "bad_small.log").read_text()
+
+
+def test_grid_coverage_section_rendered(rendered):
+    md = section(rendered[0], "Grid coverage")
+    radar = rows_of(md, "cpu")[1]     # dense first, then radar
+    assert radar[1] == "radar" and radar[2].startswith("2 of 12; missing 1,024 (all)")
+    assert rows_of(md, GPU)[1][4] == "—"    # no GPU speed run
