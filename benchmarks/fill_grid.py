@@ -14,9 +14,11 @@ a sparse method depends on what dense scored at that context (dense runs every t
 only the tasks dense keeps are run for the others). Perplexity jobs reuse the stored dense row
 of their context (its number of windows); a context without one gets a dense job first.
 
-Costs are estimates (a prompt of C tokens costs about 15 s × (C / 4096)^1.5 on the 2-core CPU
-for dense, NAtS and SparseK prefill about 5× and 4× that), used to order the jobs and to stop
-before one would overrun --hours; the jobs' real durations are printed.
+Costs are estimates fitted to this session's runs on the 2-core CPU (a prompt of C tokens costs
+about 15 s × (C / 4096)^1.5 for dense, NAtS's and SparseK's prefill about 5× and 4× that; a
+perplexity window in evaluation mode (Radar, StreamingLLM, Recycled) about 1 + 1.5 C / 4096 times
+a dense one, Recycled's 1.6× more), used to order the jobs and to stop before one would overrun
+--hours; the jobs' real durations are printed.
 """
 
 import argparse
@@ -38,12 +40,20 @@ METHODS = ("radar", "recycled", "streaming", "nats", "sparsek")   # sparse metho
 WINDOWS = 2                 # perplexity windows per context when dense has none stored yet
 TOKENS = 32                 # speed.py's decode tokens
 PREFILL_FACTOR = {"nats": 5.0, "sparsek": 4.0}
+EVAL_MODE_FACTOR = {"radar": 1.0, "streaming": 1.0, "recycled": 1.6}   # × (1 + 1.5 C / 4096)
 ENGINE_START_S = 25.0
 
 
 def prompt_s(context: int, method: str = "dense") -> float:
     """Estimated seconds for one prompt of `context` tokens on the 2-core CPU."""
     return 15.0 * (context / 4096) ** 1.5 * PREFILL_FACTOR.get(method, 1.0)
+
+
+def window_s(context: int, method: str) -> float:
+    """Estimated seconds for one perplexity window (evaluation mode from C / 2 where used)."""
+    if method in EVAL_MODE_FACTOR:
+        return prompt_s(context) * (1 + 1.5 * context / 4096) * EVAL_MODE_FACTOR[method]
+    return prompt_s(context, method)
 
 
 @dataclass
@@ -93,7 +103,7 @@ def quality_jobs(run: dict | None) -> list[Job]:
                 jobs.append(Job(
                     "quality", _quality([m], ppl=[c], fractions=fractions, windows=windows),
                     f"perplexity {c:,}: {m} {_budgets(missing)}",
-                    len(fractions) * (ENGINE_START_S + windows * prompt_s(c, m))))
+                    len(fractions) * (ENGINE_START_S + windows * window_s(c, m))))
     dense_tasks = grid.task_cells(run, "dense")
     for c in grid.TASK_CONTEXTS:
         if dense_tasks[(c, None)] != "measured":
