@@ -201,7 +201,7 @@ def main() -> int:
             print(f"stopping: {len(jobs)} jobs left, none fits the {left / 60:.0f} min left"
                   if jobs else "the grid is full for this device")
             break
-        log = logs / f"fill_{done:03d}_{job.bench}.log"
+        log = logs / f"fill_{time.strftime('%Y%m%d-%H%M%S')}_{job.bench}.log"
         print(f"[{done + 1}] {job.cells} (estimated {job.estimate_s / 60:.1f} min; log {log})",
               flush=True)
         start = time.monotonic()
