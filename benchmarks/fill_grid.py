@@ -76,7 +76,8 @@ def _fractions(cells: dict, context: int, statuses=("missing",)) -> list:
 
 def _quality(methods, ppl=(), tasks=(), task_contexts=(), fractions=(0.25,), windows=WINDOWS,
              samples=grid.MIN_SAMPLES) -> list[str]:
-    return ["--methods", ",".join(methods), "--merge",
+    resize = ["--replace-cells"] if "dense" in methods else []   # e.g. 16 stored samples -> 32
+    return ["--methods", ",".join(methods), "--merge", *resize,
             "--ppl-contexts", ",".join(map(str, ppl)), "--windows", str(windows),
             "--task-contexts", ",".join(map(str, task_contexts)),
             "--tasks", ",".join(tasks), "--samples", str(samples),

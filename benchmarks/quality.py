@@ -78,7 +78,9 @@ others are kept, and the merge (command, date, machine, methods) is listed in th
 `merged`. When dense is not among --methods, dense is not rerun: the
 stored dense row of the same cell (same windows or samples) is the reference for "vs dense"
 and for the task filter, and dense runs only for cells that have none. Every row's `vs_dense`
-is recomputed from the merged run's dense rows.
+is recomputed from the merged run's dense rows. --replace-cells (with --merge and dense among
+--methods) lets a stored cell be measured with other windows or samples: every stored row of
+that cell, of any method, is dropped, and the other methods are run there again later.
 """
 
 import argparse
@@ -148,12 +150,20 @@ def parse_args():
     p.add_argument("--merge", action="store_true",
                    help="merge the rows into this device's run in --out instead of replacing it; "
                         "dense is reused from it unless --methods has dense (see above)")
+    p.add_argument("--replace-cells", action="store_true",
+                   help="with --merge and dense in --methods: cells stored with other windows or "
+                        "samples are measured anew, and every stored row of them (any method) "
+                        "is dropped")
     args = p.parse_args()
     if args.small:
         args.tasks, args.task_contexts, args.ppl_contexts = ["niah_single"], [1024], [1024]
         args.windows, args.samples, args.fractions = 1, 8, [0.25]
         args.methods = args.methods or ["dense", "radar", "streaming", "nats", "sparsek"]
     args.methods = args.methods or list(METHODS)
+    if args.replace_cells and not (args.merge and "dense" in args.methods):
+        p.error("--replace-cells needs --merge and dense among --methods (the new rows of a "
+                f"replaced cell need dense's beside them); got --methods {','.join(args.methods)}"
+                + ("" if args.merge else " without --merge"))
     unknown = set(args.methods) - set(METHODS) | set(args.tasks) - set(TASKS)
     if unknown:
         p.error(f"unknown method or task: {sorted(unknown)}; methods: {METHODS}, tasks: {TASKS}")
@@ -353,20 +363,38 @@ def cell_size(row) -> tuple[str, int | None]:
         else ("samples", row.get("samples"))
 
 
+def planned_sizes(settings: dict) -> dict[tuple, tuple[str, int]]:
+    """(kind, task, context) -> the windows or samples this run's settings measure there."""
+    planned = {("perplexity", None, c): ("windows", settings.get("windows"))
+               for c in settings.get("ppl_contexts") or []}
+    tasks, contexts = settings.get("tasks") or [], settings.get("task_contexts") or []
+    planned.update({("task", t, c): ("samples", settings.get("samples"))
+                    for t in tasks for c in contexts})
+    return planned
+
+
+def resized_cells(old: dict, settings: dict) -> set[tuple]:
+    """The (kind, task, context) cells whose stored rows `settings` would measure with other
+    windows or samples; --replace-cells drops every stored row of them (any method)."""
+    planned = planned_sizes(settings)
+    return {dense_key(r) for r in old.get("rows", [])
+            if dense_key(r) in planned and cell_size(r) != planned[dense_key(r)]}
+
+
 def check_mergeable(old: dict, settings: dict, dtype: str, model: str) -> None:
     """Raise ValueError unless a run with these settings may be merged into `old`: the same
     model, dtype, --format and --seed, and, in every cell this run measures that `old` has rows
-    of, the same windows (perplexity) or samples (tasks). New cells may have their own."""
+    of, the same windows (perplexity) or samples (tasks). New cells may have their own; with
+    --replace-cells and dense among the methods, so may stored cells (their rows are dropped)."""
     have = old.get("settings", {})
     diff = [f"{k} {have.get(k)!r} (stored) vs {settings.get(k)!r}" for k in MERGE_SETTINGS
             if have.get(k) != settings.get(k)]
     diff += [f"{k} {old.get(k)!r} (stored) vs {v!r}" for k, v in (("dtype", dtype),
                                                                    ("model", model))
              if old.get(k) != v]
-    planned = {("perplexity", None, c): ("windows", settings.get("windows"))
-               for c in settings.get("ppl_contexts") or []}
-    planned.update({("task", t, c): ("samples", settings.get("samples"))
-                    for t in settings.get("tasks") or [] for c in settings.get("task_contexts") or []})
+    planned = planned_sizes(settings)
+    if settings.get("replace_cells") and "dense" in (settings.get("methods") or []):
+        planned = {}
     for r in old.get("rows", []):
         want = planned.get(dense_key(r))
         if want is not None and cell_size(r) != want:
@@ -398,7 +426,8 @@ def merge_runs(old: dict | None, new: dict) -> dict:
     if old is None:
         return new
     check_mergeable(old, new["settings"], new["dtype"], new["model"])
-    rows = {row_key(r): r for r in old.get("rows", [])}
+    dropped = resized_cells(old, new["settings"]) if new["settings"].get("replace_cells") else set()
+    rows = {row_key(r): r for r in old.get("rows", []) if dense_key(r) not in dropped}
     for r in new["rows"]:
         if not r.get("stored"):
             rows[row_key(r)] = r
@@ -410,6 +439,7 @@ def merge_runs(old: dict | None, new: dict) -> dict:
     settings = dict(old.get("settings", {}))
     for k, v in new["settings"].items():
         settings[k] = _union(settings.get(k), v) if isinstance(v, list) else settings.get(k, v)
+    settings.pop("replace_cells", None)   # a property of one merge, not of the run
     filters = {(f["task"], f["context"]): f for f in old.get("dense_filter", [])}
     filters.update({(f["task"], f["context"]): f for f in new.get("dense_filter", [])})
     entry = {k: new.get(k) for k in ("date", "command", "machine", "versions",

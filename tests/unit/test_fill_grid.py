@@ -34,6 +34,7 @@ def test_empty_results_plan_dense_first_everywhere():
     jobs = fill_grid.plan({"quality": [], "speed": []}, "cpu")
     quality = [j for j in jobs if j.bench == "quality"]
     assert all(argv_value(j, "--methods") == "dense" for j in quality)
+    assert all("--replace-cells" in j.argv for j in quality)    # stored 16 samples -> 32
     assert len(quality) == len(PPL_CONTEXTS) + len(TASK_CONTEXTS)
     assert len([j for j in jobs if j.bench == "speed"]) == 6
     assert [j.estimate_s for j in jobs] == sorted(j.estimate_s for j in jobs)
@@ -50,6 +51,7 @@ def test_sparse_jobs_reuse_dense_windows_and_ask_only_missing_budgets():
     assert len(radar_2k) == 1
     assert argv_value(radar_2k[0], "--fractions") == "0.5"
     assert argv_value(radar_2k[0], "--windows") == "3"            # the stored dense row's
+    assert "--replace-cells" not in radar_2k[0].argv
     assert not [j for j in jobs if "nats" in j.cells and "perplexity" in j.cells]
     assert not [j for j in jobs if "perplexity" in j.cells and "dense" in j.cells]
 

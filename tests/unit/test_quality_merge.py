@@ -191,3 +191,30 @@ def test_report_renders_nats_learned_budget_with_kv_kept(tmp_path):
     # the targets ignore NAtS's rows (no budget fraction); coverage lists it
     assert report_tables.budget_key(row("task", 2048, "nats", 0.5)) == "learned"
     assert "| nats | cpu |" in md
+
+
+def test_replace_cells_measures_a_stored_cell_anew_and_drops_its_old_rows():
+    """niah_single at 2K stored with 16 samples is rerun by dense with 32 and --replace-cells:
+    every stored row of that cell (dense's and StreamingLLM's) is dropped, the other cells
+    stay; without dense among the methods the resize is still refused."""
+    settings = {**SETTINGS, "methods": ["dense"], "ppl_contexts": [], "samples": 32,
+                "replace_cells": True}
+    with pytest.raises(ValueError, match="samples 16"):
+        quality.check_mergeable(OLD, {**settings, "methods": ["radar"]}, "float32", OLD["model"])
+    quality.check_mergeable(OLD, settings, "float32", OLD["model"])
+    assert quality.resized_cells(OLD, settings) == {("task", "niah_single", 2048)}
+    dense32 = row("task", 2048, "dense", 0.969)
+    dense32["samples"] = 32
+    merged = quality.merge_runs(json.loads(json.dumps(OLD)), run([dense32], settings))
+    tasks = [r for r in merged["rows"] if r["kind"] == "task"]
+    assert [(r["method"], r["samples"], r["score"]) for r in tasks] == [("dense", 32, 0.969)]
+    assert len([r for r in merged["rows"] if r["kind"] == "perplexity"]) == 4
+    assert "replace_cells" not in merged["settings"]
+
+
+def test_replace_cells_flag_needs_merge_and_dense(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--merge", "--replace-cells",
+                                      "--methods", "radar"])
+    with pytest.raises(SystemExit):
+        quality.parse_args()
+    assert "--replace-cells needs --merge and dense" in capsys.readouterr().err
