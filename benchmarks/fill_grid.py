@@ -26,17 +26,18 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import report_grid as grid  # noqa: E402
+from quality import METHODS as QUALITY_METHODS  # noqa: E402
 from results_io import read_runs  # noqa: E402
 
 ROOT = HERE.parent
-METHODS = ("radar", "recycled", "streaming", "nats", "sparsek")   # sparse methods, dense apart
+METHODS = tuple(m for m in QUALITY_METHODS if m != "dense")   # sparse methods, dense apart
 WINDOWS = 2                 # perplexity windows per context when dense has none stored yet
 TOKENS = 32                 # speed.py's decode tokens
 PREFILL_FACTOR = {"nats": 5.0, "sparsek": 4.0}
@@ -64,7 +65,6 @@ class Job:
     argv: list[str]                  # arguments after the script
     cells: str                       # what it fills, for the plan
     estimate_s: float
-    depends: list = field(default_factory=list)
 
     def command(self) -> list[str]:
         return [sys.executable, str(HERE / f"{self.bench}.py"), *self.argv]
@@ -112,9 +112,7 @@ def quality_jobs(run: dict | None) -> list[Job]:
                             f"tasks {c:,}: dense, all {len(grid.TASKS)} tasks",
                             ENGINE_START_S + len(grid.TASKS) * grid.MIN_SAMPLES * prompt_s(c)))
             continue
-        min_dense = (run.get("settings") or {}).get("min_dense", grid.MIN_DENSE)
-        kept = [r["task"] for r in rows if r["kind"] == "task" and r["method"] == "dense"
-                and r["context"] == c and r["score"] >= min_dense]
+        kept = grid.kept_tasks(run, c)
         if not kept:
             continue
         for m in METHODS:

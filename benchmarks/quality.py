@@ -98,6 +98,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # benchmarks/tasks.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # vllm_sparse
 
+import report_grid as grid  # noqa: E402  (the issue's grid: the full mode's defaults)
 from results_io import command_line, save_run  # noqa: E402
 from tasks import TASKS, TaskGenerator, score  # noqa: E402
 
@@ -136,13 +137,13 @@ def parse_args():
                         "given")
     p.add_argument("--methods", type=csv(str), default=None, help=f"default {','.join(METHODS)}")
     p.add_argument("--tasks", type=csv(str), default=list(TASKS))
-    p.add_argument("--task-contexts", type=csv(int), default=[2048, 4096, 7680])
-    p.add_argument("--ppl-contexts", type=csv(int), default=[1024, 2048, 4096, 7680])
+    p.add_argument("--task-contexts", type=csv(int), default=list(grid.TASK_CONTEXTS))
+    p.add_argument("--ppl-contexts", type=csv(int), default=list(grid.PPL_CONTEXTS))
     p.add_argument("--windows", type=int, default=4, help="perplexity windows per context")
-    p.add_argument("--samples", type=int, default=32, help="task samples per cell")
-    p.add_argument("--fractions", type=csv(float), default=[0.125, 0.25, 0.5])
+    p.add_argument("--samples", type=int, default=grid.MIN_SAMPLES, help="task samples per cell")
+    p.add_argument("--fractions", type=csv(float), default=list(grid.FRACTIONS))
     p.add_argument("--format", choices=("plain", "chat"), default="chat")
-    p.add_argument("--min-dense", type=float, default=0.8)
+    p.add_argument("--min-dense", type=float, default=grid.MIN_DENSE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")

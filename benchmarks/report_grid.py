@@ -15,13 +15,13 @@ with fewer samples than the grid asks is listed as such, not as measured.
 """
 
 from report_tables import DASH, LEARNED, methods_of, pct
+from tasks import TASKS
 
 PPL_CONTEXTS = (1024, 2048, 4096, 7680)
 TASK_CONTEXTS = (2048, 4096, 7680)
 SPEED_CONTEXTS = (2048, 4096, 7680)
 FRACTIONS = (0.125, 0.25, 0.5)
 BATCHES = (1, 8)
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
 MIN_SAMPLES = 32
 MIN_DENSE = 0.8
 
@@ -49,14 +49,20 @@ def perplexity_cells(run: dict, method: str) -> dict[tuple, str]:
             for c in PPL_CONTEXTS for b in _budgets(method, rows)}
 
 
+def kept_tasks(run: dict, context: int) -> list[str]:
+    """The tasks dense kept at `context` (scored at least the run's --min-dense)."""
+    min_dense = (run.get("settings") or {}).get("min_dense", MIN_DENSE)
+    return [r["task"] for r in run.get("rows", []) if r["kind"] == "task"
+            and r["method"] == "dense" and r["context"] == context and r["score"] >= min_dense]
+
+
 def task_cells(run: dict, method: str) -> dict[tuple, str]:
     """(context, budget) -> "measured" / "n/a" / "few samples" / "missing"."""
     rows = [r for r in run.get("rows", []) if r["kind"] == "task"]
-    min_dense = (run.get("settings") or {}).get("min_dense", MIN_DENSE)
     dense = {(r["task"], r["context"]): r for r in rows if r["method"] == "dense"}
     out = {}
     for c in TASK_CONTEXTS:
-        needed = [t for t in TASKS if (t, c) in dense and dense[(t, c)]["score"] >= min_dense]
+        needed = kept_tasks(run, c)
         dense_done = all((t, c) in dense for t in TASKS)
         for b in _budgets(method, rows):
             if method == "dense":

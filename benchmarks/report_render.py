@@ -97,7 +97,7 @@ def grid_section(results: dict) -> str:
             + " (dense: none; NAtS: learned, one cell per context); decode speed at "
             + ", ".join(f"{c:,}" for c in report_grid.SPEED_CONTEXTS) + " × batch "
             + " and ".join(map(str, report_grid.BATCHES)) + ". A task cell needs every task "
-            "dense kept (dense ≥ 80%) at that context; \"n/a\": dense kept none; \"partial\": "
+            f"dense kept (dense ≥ {tables.pct(report_grid.MIN_DENSE)}) at that context; \"n/a\": dense kept none; \"partial\": "
             "some of them; \"few samples\": all, with fewer samples than the grid asks.\n")
 
 

@@ -23,6 +23,7 @@ import platform
 import time
 from pathlib import Path
 
+import report_grid as grid  # noqa: E402  (the issue's grid: the defaults)
 from results_io import command_line, read_runs, save_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -125,8 +126,8 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--contexts", default="2048,4096,7680")
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--contexts", default=",".join(map(str, grid.SPEED_CONTEXTS)))
+    parser.add_argument("--batches", default=",".join(map(str, grid.BATCHES)))
     parser.add_argument("--methods", default="radar,recycled,streaming,nats,sparsek")
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--tokens", type=int, default=32)
