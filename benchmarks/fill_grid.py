@@ -18,7 +18,8 @@ Costs are estimates fitted to this session's runs on the 2-core CPU (a prompt of
 about 15 s × (C / 4096)^1.5 for dense, NAtS's and SparseK's prefill about 5× and 4× that; a
 perplexity window in evaluation mode (Radar, StreamingLLM, Recycled) about 1 + 1.5 C / 4096 times
 a dense one, Recycled's 1.6× more), used to order the jobs and to stop before one would overrun
---hours; the jobs' real durations are printed.
+--hours; the jobs' real durations are printed. A dense task job is estimated at every sample of
+every task, an upper bound: quality.py stops a task once dense cannot reach the filter.
 """
 
 import argparse

@@ -12,7 +12,10 @@ Measures, through the real vLLM engine (`LLM(attention_backend=...)`), float32, 
    tokens, greedy decoding; score = fraction of expected answer items in the output, averaged
    over --samples prompts (32 in full mode) per cell. Dense runs every task first; only cells
    where dense scores >= --min-dense (80%) are run for the other methods (the filter is
-   computed from this run's dense scores and printed).
+   computed from this run's dense scores and printed). Dense stops a cell early, after a
+   batch of prompts, once 80% is out of reach even if every sample left scored 1 (a score is
+   at most 1): the cell is dropped either way, its row keeps the samples run and records
+   `planned_samples` (--no-early-stop runs them all).
 
 Methods:
 - dense: vLLM's own backend (no attention_backend given: CPU_ATTN on CPU, FLASH_ATTN on GPU),
@@ -64,6 +67,12 @@ and KV heads, is the kept share. Perplexity windows are generated with max_token
 so each window has one decode step, at position C, right after its last token (C + 1 tokens
 of context); task cells count every decode step of every answer (the first at the prompt's
 end, C tokens).
+
+Attended (`attended_mean`, `attended_share` in each sparse row that has the backend's counters):
+mean tokens attended per (query, KV head) over the cell's decode-like queries (decode steps,
+and prompt positions in evaluation mode), and their share of each query's context. It proves
+the sparse path ran, and shows what a budget bought: Radar attends up to a page below B (whole
+pages), Recycled above B (its full steps attend the whole context).
 
 Output: a table per cell (task, context, method, budget, score, vs dense, KV kept), and
 benchmarks/results/quality[_small].json: a list of runs, each with device, machine, versions,
@@ -144,6 +153,10 @@ def parse_args():
     p.add_argument("--fractions", type=csv(float), default=list(grid.FRACTIONS))
     p.add_argument("--format", choices=("plain", "chat"), default="chat")
     p.add_argument("--min-dense", type=float, default=grid.MIN_DENSE)
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="run dense on every sample of a task cell even once the filter's "
+                        "--min-dense is out of reach (by default dense stops there: the cell is "
+                        "dropped either way)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
@@ -219,16 +232,18 @@ class Engine:
         return {"key": key, "path": name,
                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
 
-    def counts(self) -> tuple[int, int] | None:
-        """(tokens attended, context tokens) by decode steps so far, summed over layers and KV
-        heads, from vllm_sparse's attention counters; None for a backend without them."""
+    def counts(self) -> tuple[int, int, int] | None:
+        """(tokens attended, context tokens, queries) of decode-like queries so far (decode
+        steps, and prompt positions in evaluation mode), summed over layers and KV heads, from
+        vllm_sparse's attention counters; None for a backend without them."""
         try:
             per_layer = self.llm.apply_model(lambda m: [
                 (layer.self_attn.attn.impl.stats.attended_tokens,
-                 layer.self_attn.attn.impl.stats.context_tokens) for layer in m.model.layers])[0]
+                 layer.self_attn.attn.impl.stats.context_tokens,
+                 layer.self_attn.attn.impl.stats.queries) for layer in m.model.layers])[0]
         except Exception:  # noqa: BLE001 - vLLM's own backends have no counters
             return None
-        return sum(a for a, _ in per_layer), sum(c for _, c in per_layer)
+        return tuple(sum(layer[i] for layer in per_layer) for i in range(3))
 
     def generate(self, prompts, params):
         from vllm import TokensPrompt
@@ -241,7 +256,7 @@ class Engine:
         gc.collect()
 
 
-def kv_kept(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+def kv_kept(before: tuple | None, after: tuple | None) -> float | None:
     """Share of the context's KV tokens attended by the decode steps between two
     `Engine.counts()` readings (NAtS decode attends exactly the live tokens: the kept share)."""
     if before is None or after is None or after[1] == before[1]:
@@ -249,17 +264,30 @@ def kv_kept(before: tuple[int, int] | None, after: tuple[int, int] | None) -> fl
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
+def attended(before: tuple | None, after: tuple | None) -> dict:
+    """What the sparse path attended between two `Engine.counts()` readings: mean tokens per
+    (query, KV head) and their share of the context; {} without counters or queries."""
+    if before is None or after is None or after[2] == before[2]:
+        return {}
+    return {"attended_mean": (after[0] - before[0]) / (after[2] - before[2]),
+            "attended_share": kv_kept(before, after)}
+
+
 def measure_kept(engine, method: str, run) -> dict:
-    """run() -> result dict, with `kv_kept` (and how it was obtained) added."""
-    if method not in EVICTING_METHODS:
-        return {**run(), "kv_kept": 1.0, "kv_kept_source": "no eviction"}
+    """run() -> result dict, with `kv_kept` (and how it was obtained) added, and for a sparse
+    method what its queries attended (`attended_mean`, `attended_share`: the proof its sparse
+    path ran, and Recycled's real work, its full steps included)."""
     before = engine.counts()
     result = run()
-    kept = kv_kept(before, engine.counts())
+    after = engine.counts()
+    seen = attended(before, after) if method != "dense" else {}
+    if method not in EVICTING_METHODS:
+        return {**result, **seen, "kv_kept": 1.0, "kv_kept_source": "no eviction"}
+    kept = kv_kept(before, after)
     if kept is None:
         raise RuntimeError(f"{method}: no attended-token counts from the engine; cannot measure "
                            "the KV kept fraction")
-    return {**result, "kv_kept": kept,
+    return {**result, **seen, "kv_kept": kept,
             "kv_kept_source": "engine: attended / context tokens of the decode steps "
                               "(backend counters), all layers and KV heads"}
 
@@ -282,7 +310,10 @@ def run_perplexity(engine, windows, score_from, bar, decode_step=False) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def run_tasks(engine, samples, batch, bar) -> dict:
+def run_tasks(engine, samples, batch, bar, stop_below: float | None = None) -> dict:
+    """Greedy answers to `samples`, scored. `stop_below` (dense's task filter): stop once the
+    cell's mean over all its samples can no longer reach it, even if every sample left scored
+    1; the row then keeps the samples measured and records `planned_samples`."""
     from vllm import SamplingParams
 
     start, scores, outputs = time.perf_counter(), [], []
@@ -295,8 +326,26 @@ def run_tasks(engine, samples, batch, bar) -> dict:
             scores.append(score(s.answers, out.outputs[0].text))
             outputs.append(out.outputs[0].text)
         bar.update(len(chunk))
-    return {"score": sum(scores) / len(scores), "samples": len(scores),
-            "seconds": round(time.perf_counter() - start, 1), "first_outputs": outputs[:3]}
+        left = len(samples) - len(scores)
+        if left and stop_below is not None and filter_out_of_reach(scores, left, stop_below):
+            bar.update(left)
+            break
+    result = {"score": sum(scores) / len(scores), "samples": len(scores),
+              "seconds": round(time.perf_counter() - start, 1), "first_outputs": outputs[:3]}
+    if len(scores) < len(samples):
+        result["planned_samples"] = len(samples)
+        result["stopped_early"] = (f"stopped after {len(scores)} of {len(samples)} samples: "
+                                   f"at most {(sum(scores) + left) / len(samples):.3f} "
+                                   f"reachable, below the filter's {stop_below:.0%}")
+    return result
+
+
+def filter_out_of_reach(scores: list[float], left: int, bar: float) -> bool:
+    """True when a cell's mean over len(scores) + left samples stays below `bar` even if
+    every one of the `left` samples still to run scores 1 (the best a sample can score)."""
+    if any(not 0.0 <= s <= 1.0 for s in scores):
+        raise ValueError(f"task scores must lie in [0, 1] for the early stop; got {scores}")
+    return (sum(scores) + left) / (len(scores) + left) < bar
 
 
 def machine_info(dtype) -> dict:
@@ -361,7 +410,7 @@ def stored_run(path: Path, device: str) -> dict | None:
 def cell_size(row) -> tuple[str, int | None]:
     """What a row's score averages over: ("windows", n) for perplexity, ("samples", n) for tasks."""
     return ("windows", row.get("windows")) if row["kind"] == "perplexity" \
-        else ("samples", row.get("samples"))
+        else ("samples", grid.cell_samples(row))
 
 
 def planned_sizes(settings: dict) -> dict[tuple, tuple[str, int]]:
@@ -490,7 +539,7 @@ def main() -> None:
     if old is not None and "dense" not in args.methods:
         for key, r in stored_dense(old).items():
             same = (r.get("windows") == args.windows and r.get("score_from") == key[2] // 2
-                    if key[0] == "perplexity" else r.get("samples") == args.samples)
+                    if key[0] == "perplexity" else grid.cell_samples(r) == args.samples)
             if same and ((key[2] in windows) if key[0] == "perplexity" else key[1:] in samples):
                 reuse[key] = r
     dense_windows = {c: ws for c, ws in windows.items() if ("perplexity", None, c) not in reuse}
@@ -529,7 +578,8 @@ def main() -> None:
                  "fraction": None, "windows": len(ws), "score_from": c // 2,
                  "backend": engine.backend, **res})
         for (t, c), ss in dense_samples.items():
-            res = measure_kept(engine, "dense", lambda: run_tasks(engine, ss, args.batch, bar))
+            res = measure_kept(engine, "dense", lambda: run_tasks(
+                engine, ss, args.batch, bar, None if args.no_early_stop else args.min_dense))
             dense[("task", t, c)] = res["score"]
             add({"kind": "task", "task": t, "context": c, "method": "dense", "budget": None,
                  "fraction": None, "backend": engine.backend, **res})

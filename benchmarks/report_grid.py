@@ -14,7 +14,7 @@ leaves nothing to run, and the cell counts as measured ("n/a" in the detail). A 
 with fewer samples than the grid asks is listed as such, not as measured.
 """
 
-from report_tables import DASH, LEARNED, methods_of, pct
+from report_tables import DASH, LEARNED, cell_samples, methods_of, pct
 from tasks import TASKS
 
 PPL_CONTEXTS = (1024, 2048, 4096, 7680)
@@ -75,7 +75,7 @@ def task_cells(run: dict, method: str) -> dict[tuple, str]:
                 full = dense_done and len(got) == len(needed)
             if full and not got:
                 out[(c, b)] = "n/a"
-            elif full and all((r.get("samples") or 0) >= MIN_SAMPLES for r in got):
+            elif full and all((cell_samples(r) or 0) >= MIN_SAMPLES for r in got):
                 out[(c, b)] = "measured"
             elif got:
                 out[(c, b)] = "few samples" if full else "partial"

@@ -97,9 +97,16 @@ def _budget_lines(rows, context) -> list[tuple]:
     return lines or [(None, DASH)]
 
 
+def cell_samples(row) -> int | None:
+    """The samples a task row's cell was run for: a dense row that quality.py stopped early
+    (the task filter's bar out of reach, `planned_samples` recorded) counts as planned."""
+    return row.get("planned_samples", row.get("samples"))
+
+
 def _sizes(rows, key: str) -> str:
     """The windows / samples a cell's scores average over ("?" if not recorded)."""
-    values = sorted({r.get(key) for r in rows}, key=lambda v: (v is None, v or 0))
+    values = sorted({cell_samples(r) if key == "samples" else r.get(key) for r in rows},
+                    key=lambda v: (v is None, v or 0))
     return "/".join("?" if v is None else str(v) for v in values) or "?"
 
 
@@ -128,21 +135,56 @@ def quality_tasks(run: dict) -> str:
     if not rows:
         return ""
     methods = methods_of(rows)
-    at = {(r["method"], r["task"], r["context"], budget_key(r)): r["score"] for r in rows}
+    at = {(r["method"], r["task"], r["context"], budget_key(r)): r for r in rows}
     out = []
     cells = sorted({(r["task"], r["context"]) for r in rows}, key=lambda k: (k[1], k[0]))
     for task, context in cells:
-        ref = at.get(("dense", task, context, None))
+        dense_row = at.get(("dense", task, context, None))
+        ref = dense_row["score"] if dense_row else None
         here = [r for r in rows if r["task"] == task]
         size = _sizes([r for r in here if r["context"] == context], "samples")
         for key, budget_text in _budget_lines(here, context):
             line = [task, f"{context:,}", size, budget_text]
             for m in methods:
-                dense = m == "dense"
-                line.append(cell(at.get((m, task, context, None if dense else key)),
-                                 None if dense else ref))
+                if m == "dense":
+                    line.append(_dense_task_cell(dense_row))
+                    continue
+                r = at.get((m, task, context, key))
+                line.append(cell(r and r["score"], ref))
             out.append(line)
     return table(["task", "context", "samples", "budget (tokens)", *methods], out)
+
+
+def quality_attended(run: dict) -> str:
+    """Mean KV tokens attended per (query, KV head) by each sparse method's scored positions
+    (`attended_mean`, from the backend's counters), beside the budget: "91 (×0.71)" is 91
+    tokens, 0.71 of the budget. Rows stored before quality.py recorded it show an em dash."""
+    rows = [r for r in run.get("rows", []) if r["kind"] == "perplexity" and r["method"] != "dense"]
+    if not any(r.get("attended_mean") is not None for r in rows):
+        return ""
+    methods = methods_of(rows)
+    at = {(r["method"], r["context"], budget_key(r)): r for r in rows}
+    out = []
+    for context in sorted({r["context"] for r in rows}):
+        for key, budget_text in _budget_lines(rows, context):
+            line = [f"{context:,}", budget_text]
+            for m in methods:
+                r = at.get((m, context, key))
+                mean = r and r.get("attended_mean")
+                budget = r and r.get("budget")
+                line.append(DASH if mean is None else f"{mean:,.0f}" + (
+                    f" (×{mean / budget:.2f})" if isinstance(budget, int) and budget else ""))
+            out.append(line)
+    return table(["context", "budget (tokens)", *methods], out)
+
+
+def _dense_task_cell(row) -> str:
+    """Dense's score; a row stopped early by the task filter says after how many samples."""
+    if row is None:
+        return DASH
+    if row.get("planned_samples"):
+        return f"{num(row['score'])} ({row['samples']} of {row['planned_samples']}, stopped)"
+    return num(row["score"])
 
 
 def speed_table(run: dict, key: str, digits: int) -> str:

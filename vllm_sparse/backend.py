@@ -304,7 +304,7 @@ class SparseAttentionImpl(AttentionImpl):
             scores_fn, self._budgets)
         for lo, hi, valid in masks:
             rows = slice(start + lo - first, start + hi - first)
-            out[rows] = reference.attend(query[rows], key, value, valid, self.scale)[0]
+            out[rows] = reference.masked_attention(query[rows], key, value, valid, self.scale)
             self._count(valid.sum(-1), torch.arange(lo + 1, hi + 1, device=query.device), 0)
         self.stats.full_steps += num_full
 
@@ -389,7 +389,7 @@ class SparseAttentionImpl(AttentionImpl):
         key, value = reference.gather_kv(kv_cache, block_table[:1],
                                          positions.expand(1, self.num_kv_heads, -1))
         self._count(valid.sum(-1), seq_lens, int(dense.sum()))
-        return reference.attend(query, key, value, valid, self.scale)[0]
+        return reference.masked_attention(query, key, value, valid, self.scale)
 
     def _count(self, attended: torch.Tensor, seq_lens: torch.Tensor, num_dense: int) -> None:
         """Counters of one batch of decode-like queries: attended [N, Hkv] tokens each."""

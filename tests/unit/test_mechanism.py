@@ -62,3 +62,27 @@ def test_numba_decode_equals_torch_decode_on_a_radar_selection():
                                                            tokens, 0.125)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
     assert torch.equal(attended, ref_attended) and attended[:, 0].tolist() == [3, 2, 4]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,rows,length", [(9, 3, 37, 300), (4, 4, 5, 64),
+                                                                (8, 1, 1, 130)])
+def test_masked_attention_equals_attend(num_heads, num_kv_heads, rows, length):
+    """The SDPA path (prefill and evaluation mode) against the einsum reference, on per-row,
+    per-KV-head masks as NAtS's visibility and Radar's selections make them."""
+    from vllm_sparse import reference
+
+    gen = torch.Generator().manual_seed(rows)
+    query = torch.randn(rows, num_heads, 64, generator=gen)
+    key = torch.randn(1, num_kv_heads, length, 64, generator=gen)
+    value = torch.randn(1, num_kv_heads, length, 64, generator=gen)
+    valid = torch.rand(rows, num_kv_heads, length, generator=gen) < 0.3
+    valid[:, :, -1] = True                               # every row attends something
+    out = reference.masked_attention(query, key, value, valid, 0.125)
+    ref = reference.attend(query, key, value, valid, 0.125)[0]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    only_last = torch.zeros_like(valid)
+    only_last[:, :, -1] = True                           # one token: its value, per KV head
+    out = reference.masked_attention(query, key, value, only_last, 0.125)
+    group = num_heads // num_kv_heads
+    expected = value[0, :, -1].repeat_interleave(group, 0).expand(rows, -1, -1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)

@@ -135,30 +135,59 @@ def test_merge_with_save_run_keeps_other_devices(tmp_path):
 
 
 class FakeEngine:
-    """Engine.counts() readings: (attended, context) summed over layers and KV heads."""
+    """Engine.counts() readings: (attended, context, queries) summed over layers and KV heads;
+    each decode() is one step of `step` = (attended, context, queries)."""
 
     def __init__(self, step):
-        self.attended, self.context, self.step = 0, 0, step
+        self.counters, self.step = (0, 0, 0), step
 
     def counts(self):
-        return None if self.step is None else (self.attended, self.context)
+        return None if self.step is None else self.counters
 
     def decode(self):
-        self.attended += self.step[0]
-        self.context += self.step[1]
+        self.counters = tuple(a + b for a, b in zip(self.counters, self.step))
         return {"score": 1.0}
 
 
 def test_kv_kept_from_the_engine_counters():
-    engine = FakeEngine((300, 1000))
+    engine = FakeEngine((300, 1000, 3))
     engine.decode()                                   # an earlier cell: not counted
     res = quality.measure_kept(engine, "nats", lambda: [engine.decode(), engine.decode()][0])
     assert res["kv_kept"] == pytest.approx(0.3) and res["kv_kept_source"].startswith("engine")
+    assert res["attended_mean"] == pytest.approx(100.0)     # 600 tokens over 6 queries
     assert quality.measure_kept(FakeEngine(None), "radar", lambda: {"score": 2.0}) == \
         {"score": 2.0, "kv_kept": 1.0, "kv_kept_source": "no eviction"}
     with pytest.raises(RuntimeError, match="no attended-token counts"):
         quality.measure_kept(FakeEngine(None), "nats", lambda: {"score": 1.0})
-    assert quality.kv_kept((5, 10), (5, 10)) is None    # no decode step in between
+    assert quality.kv_kept((5, 10, 1), (5, 10, 1)) is None    # no decode step in between
+
+
+def test_attended_recorded_for_non_evicting_sparse_methods_only():
+    """Recycled keeps every KV token (kv_kept 1.0), but what it attended, full steps included,
+    is recorded; dense (vLLM's backend) has no counters and records nothing."""
+    engine = FakeEngine((2000, 4000, 2))
+    res = quality.measure_kept(engine, "recycled", engine.decode)
+    assert res["kv_kept"] == 1.0
+    assert res["attended_mean"] == pytest.approx(1000.0)
+    assert res["attended_share"] == pytest.approx(0.5)
+    assert "attended_mean" not in quality.measure_kept(engine, "dense", engine.decode)
+    idle = quality.measure_kept(engine, "radar", lambda: {"score": 1.0})   # no query counted
+    assert "attended_mean" not in idle
+
+
+def test_report_shows_attended_tokens_beside_the_budget():
+    rows = [
+        {"kind": "perplexity", "context": 1024, "method": "radar", "budget": 128,
+         "fraction": 0.125, "score": 12.0, "attended_mean": 90.9},
+        {"kind": "perplexity", "context": 1024, "method": "recycled", "budget": 128,
+         "fraction": 0.125, "score": 10.6, "attended_mean": 203.3},
+        {"kind": "perplexity", "context": 1024, "method": "streaming", "budget": 128,
+         "fraction": 0.125, "score": 12.5},             # stored before the counts: a dash
+    ]
+    text = report_tables.quality_attended({"rows": rows})
+    line = next(x for x in text.splitlines() if x.startswith("| 1,024"))
+    assert line == "| 1,024 | 12.5% (128) | 91 (×0.71) | 203 (×1.59) | — |"
+    assert report_tables.quality_attended({"rows": rows[2:]}) == ""
 
 
 def test_nats_config_has_no_budget_and_no_evaluation_mode():

@@ -135,7 +135,8 @@ class NatsImpl(EvictingImpl):
             query_pos = torch.arange(lo - start + first, hi - start + first,
                                      device=query.device)
             valid = self.nats.visible(types, query_pos, positions, seq_len)
-            out[lo:hi] = reference.attend(query[lo:hi], key, value, valid, self.scale)[0]
+            out[lo:hi] = reference.masked_attention(query[lo:hi], key, value, valid,
+                                                    self.scale)
 
     def _decode(self, types, query, kv_cache, md: SparseMetadata, out) -> None:
         """Decode rows attend exactly their live tokens, per KV head (token mode)."""
