@@ -123,23 +123,29 @@ def quality_parts(run, plots_dir, link_dir):
             tables.quality_perplexity(run) + "\n",
             _image(report_plots.quality_plot(run, "perplexity", plots_dir), link_dir,
                    "perplexity against budget"),
-            *_attended_parts(run),
             "Task scores (fraction of answer items found, higher is better):\n",
             tables.quality_tasks(run) + "\n",
             _image(report_plots.quality_plot(run, "task", plots_dir), link_dir,
                    "task score against budget"),
-            f"Dense scored below the filter on {', '.join(dropped)}: other methods not run there.\n"
-            if dropped else "", *(f"Note: {n}\n" for n in run.get("notes", []))]
+            f"Dense scored below the filter on {', '.join(dropped)}: other methods not run there"
+            f" (\"stopped\": dense stopped once {tables.pct(_min_dense(run))} was out of reach).\n"
+            if dropped else "",
+            *_attended_parts(run), *(f"Note: {n}\n" for n in run.get("notes", []))]
+
+
+def _min_dense(run) -> float:
+    return (run.get("settings") or {}).get("min_dense", report_grid.MIN_DENSE)
 
 
 def _attended_parts(run) -> list[str]:
     text = tables.quality_attended(run)
     if not text:
         return []
-    return ["Tokens attended per scored position and KV head, mean (× the budget), from the "
-            "backend's counters: Radar rounds its selection to whole pages, so it attends up to "
-            "a page less than the budget; Recycled's full steps attend the whole context, so it "
-            "attends more. Rows measured before these counts were recorded: —.\n",
+    return ["Tokens attended per query and KV head, mean (× the budget), from the backend's "
+            "counters, over perplexity's scored positions and a task's answer steps: Radar "
+            "spends its budget on whole segments of pages, so it attends up to a segment less; "
+            "Recycled's full steps attend the whole context, so it attends more. Rows measured "
+            "before these counts were recorded: —.\n",
             text + "\n"]
 
 

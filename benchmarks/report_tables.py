@@ -156,26 +156,30 @@ def quality_tasks(run: dict) -> str:
 
 
 def quality_attended(run: dict) -> str:
-    """Mean KV tokens attended per (query, KV head) by each sparse method's scored positions
-    (`attended_mean`, from the backend's counters), beside the budget: "91 (×0.71)" is 91
-    tokens, 0.71 of the budget. Rows stored before quality.py recorded it show an em dash."""
-    rows = [r for r in run.get("rows", []) if r["kind"] == "perplexity" and r["method"] != "dense"]
+    """Mean KV tokens attended per (query, KV head) by each sparse method (`attended_mean`, from
+    the backend's counters: perplexity's scored positions, a task's answer steps), beside the
+    budget: "91 (×0.71)" is 91 tokens, 0.71 of the budget. Rows stored before quality.py
+    recorded it show an em dash; a table without any count is left out."""
+    rows = [r for r in run.get("rows", []) if r["method"] != "dense"]
     if not any(r.get("attended_mean") is not None for r in rows):
         return ""
     methods = methods_of(rows)
-    at = {(r["method"], r["context"], budget_key(r)): r for r in rows}
+    at = {(r["method"], r.get("task"), r["context"], budget_key(r)): r for r in rows}
+    cells = sorted({(r.get("task"), r["context"]) for r in rows},
+                   key=lambda k: (k[0] is not None, k[0] or "", k[1]))
     out = []
-    for context in sorted({r["context"] for r in rows}):
-        for key, budget_text in _budget_lines(rows, context):
-            line = [f"{context:,}", budget_text]
+    for task, context in cells:
+        here = [r for r in rows if r.get("task") == task]
+        for key, budget_text in _budget_lines(here, context):
+            line = [task or "perplexity", f"{context:,}", budget_text]
             for m in methods:
-                r = at.get((m, context, key))
+                r = at.get((m, task, context, key))
                 mean = r and r.get("attended_mean")
                 budget = r and r.get("budget")
                 line.append(DASH if mean is None else f"{mean:,.0f}" + (
                     f" (×{mean / budget:.2f})" if isinstance(budget, int) and budget else ""))
             out.append(line)
-    return table(["context", "budget (tokens)", *methods], out)
+    return table(["kind", "context", "budget (tokens)", *methods], out)
 
 
 def _dense_task_cell(row) -> str:

@@ -185,8 +185,8 @@ def test_report_shows_attended_tokens_beside_the_budget():
          "fraction": 0.125, "score": 12.5},             # stored before the counts: a dash
     ]
     text = report_tables.quality_attended({"rows": rows})
-    line = next(x for x in text.splitlines() if x.startswith("| 1,024"))
-    assert line == "| 1,024 | 12.5% (128) | 91 (×0.71) | 203 (×1.59) | — |"
+    line = next(x for x in text.splitlines() if x.startswith("| perplexity | 1,024"))
+    assert line == "| perplexity | 1,024 | 12.5% (128) | 91 (×0.71) | 203 (×1.59) | — |"
     assert report_tables.quality_attended({"rows": rows[2:]}) == ""
 
 
