@@ -19,6 +19,17 @@ server's `vllm_sparse config:` line and preemption count; a list of runs, one pe
 another device's run is kept). Any failed request, short
 output or server error makes it exit non-zero.
 
+While the load runs, the server's own gauges are read from /metrics once a second
+(`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`):
+mean and peak running requests, mean waiting, mean and peak KV-pool use, and the KV held per
+running request (pool use × pool tokens / running requests, averaged over the samples). That
+is where an evicting method (NAtS, SparseK) shows its memory: `--kv-blocks N` gives every
+server the same pool of N blocks (`--num-gpu-blocks-override`), small enough that dense must
+queue or preempt requests, and the evicting method, which returns pages to the pool while its
+requests run, keeps more of them running in the same memory:
+
+    python benchmarks/load.py --backends dense,nats --kv-blocks 192 --max-model-len 2048 ...
+
 Default: SmolLM2-135M-Instruct at its full 8K context, 200 requests, 16 concurrent, 32 to
 256 output tokens, Radar at the per-model file's budget (configs/). That is a GPU-sized run;
 on a 2-core CPU it takes hours. `--small` (CI): the tiny random Llama, 2K context, 24
@@ -35,6 +46,7 @@ preemptions (a preempted Radar request is recomputed densely; see tests/e2e).
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -78,6 +90,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--additional-config", default=None,
                         help="JSON for `vllm_sparse` given to radar (default: the per-model "
                              "file; with --small " + json.dumps(SMALL_SPARSE) + ")")
+    parser.add_argument("--kv-blocks", type=int, default=None,
+                        help="the KV pool of every server, in blocks (--num-gpu-blocks-override;"
+                             " default: sized to hold every concurrent request at full context)")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
@@ -101,6 +116,8 @@ def parse_args() -> argparse.Namespace:
     if args.additional_config is None and small:
         args.additional_config = json.dumps(SMALL_SPARSE)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.kv_blocks is not None and args.kv_blocks <= 0:
+        parser.error(f"--kv-blocks must be a positive number of blocks, got {args.kv_blocks}")
     return args
 
 
@@ -149,27 +166,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CPU_BLOCK_SIZE = 32   # Radar's pinned block size, given to every backend on CPU
+
+
+def block_size(args) -> int | None:
+    """The KV block size the servers run with: --serve-arg=--block-size=N, else 32 on CPU;
+    None where vLLM picks it (GPU)."""
+    for i, arg in enumerate(args.serve_arg):
+        if arg.startswith("--block-size"):
+            value = arg.split("=", 1)[1] if "=" in arg else args.serve_arg[i + 1]
+            return int(value)
+    return CPU_BLOCK_SIZE if args.on_cpu else None
+
+
+def server_command(backend: str, model: str, args, port: int) -> list[str]:
+    """`vllm serve` for one backend: dense is vLLM's own (no --attention-backend)."""
+    cmd = [VLLM, "serve", model, "--served-model-name", "model", "--host", "127.0.0.1",
+           "--port", str(port), "--max-model-len", str(args.max_model_len),
+           "--dtype", args.dtype, "--seed", str(args.seed), *args.serve_arg]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    if args.on_cpu and not any(a.startswith("--block-size") for a in args.serve_arg):
+        cmd += ["--block-size", str(CPU_BLOCK_SIZE)]
+    if args.kv_blocks is not None:
+        cmd += ["--num-gpu-blocks-override", str(args.kv_blocks)]
+    if backend != "dense":
+        cmd += ["--attention-backend", backend]
+        if args.additional_config:
+            cmd += ["--additional-config",
+                    json.dumps({"vllm_sparse": json.loads(args.additional_config)})]
+    return cmd
+
+
 class Server:
     def __init__(self, backend: str, model: str, args, log_dir: Path, env: dict):
         self.backend, self.port = backend, free_port()
         self.log_path = log_dir / f"{backend}.log"
-        cmd = [VLLM, "serve", model, "--served-model-name", "model", "--host", "127.0.0.1",
-               "--port", str(self.port), "--max-model-len", str(args.max_model_len),
-               "--dtype", args.dtype, "--seed", str(args.seed), *args.serve_arg]
-        if args.enforce_eager:
-            cmd.append("--enforce-eager")
-        if args.on_cpu and not any(a.startswith("--block-size") for a in args.serve_arg):
-            cmd += ["--block-size", "32"]
-        if backend != "dense":
-            cmd += ["--attention-backend", backend]
-            if args.additional_config:
-                cmd += ["--additional-config",
-                        json.dumps({"vllm_sparse": json.loads(args.additional_config)})]
-        self.cmd = cmd
+        self.cmd = server_command(backend, model, args, self.port)
         self.log = open(self.log_path, "w")
         # its own process group: stop() reaches the engine core and workers too
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.started = time.perf_counter()
         self.startup_s = None
 
@@ -188,12 +225,12 @@ class Server:
                 time.sleep(0.5)
         raise RuntimeError(f"{self.backend} server not ready in {timeout} s; log {self.log_path}")
 
-    def metric(self, name: str) -> float | None:
+    def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        values = [float(m.group(1)) for m in
-                  re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)]
-        return sum(values) if values else None
+            return r.read().decode()
+
+    def metric(self, name: str) -> float | None:
+        return metric_value(self.metrics_text(), name)
 
     def log_text(self) -> str:
         self.log.flush()
@@ -217,6 +254,70 @@ class Server:
         code = self.proc.wait()
         self.log.close()
         return code
+
+
+# ---------------------------------------------------------------- the server's gauges
+GAUGES = {"running": "vllm:num_requests_running", "waiting": "vllm:num_requests_waiting",
+          "kv_usage": "vllm:kv_cache_usage_perc"}
+SAMPLE_EVERY_S = 1.0
+
+
+def metric_value(text: str, name: str) -> float | None:
+    """The sum over label sets of a Prometheus metric in /metrics text; None if absent."""
+    values = [float(m.group(1)) for m in
+              re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)]
+    return sum(values) if values else None
+
+
+def pool_tokens(text: str) -> int | None:
+    """Tokens the KV pool holds: `num_gpu_blocks` × `block_size` of vllm:cache_config_info."""
+    match = re.search(r"^vllm:cache_config_info\{([^}]*)\}", text, re.M)
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1))) if match else {}
+    try:
+        return int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+    except (KeyError, ValueError):
+        return None
+
+
+async def sample_gauges(server: "Server", done: asyncio.Event) -> list[dict]:
+    """Reads GAUGES from the server every SAMPLE_EVERY_S until `done`: [{t, running, ...}]."""
+    samples, start = [], time.perf_counter()
+    while not done.is_set():
+        text = await asyncio.to_thread(server.metrics_text)
+        samples.append({"t": round(time.perf_counter() - start, 2)}
+                       | {key: metric_value(text, name) for key, name in GAUGES.items()})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), SAMPLE_EVERY_S)
+    return samples
+
+
+def occupancy(samples: list[dict], pool: int | None) -> dict:
+    """Mean and peak running requests, mean waiting, mean and peak pool use (0-1) and the KV
+    tokens held per running request (Σ use × pool / Σ running, over samples with any)."""
+    busy = [s for s in samples if s["running"]]
+    if not busy:
+        return {}
+    out = {"running_mean": sum(s["running"] for s in busy) / len(busy),
+           "running_peak": max(s["running"] for s in busy),
+           "waiting_mean": sum(s["waiting"] or 0 for s in busy) / len(busy),
+           "kv_usage_mean": sum(s["kv_usage"] or 0 for s in busy) / len(busy),
+           "kv_usage_peak": max(s["kv_usage"] or 0 for s in busy), "pool_tokens": pool}
+    if pool:
+        out["kv_tokens_per_running"] = (sum((s["kv_usage"] or 0) * pool for s in busy)
+                                        / sum(s["running"] for s in busy))
+    return out
+
+
+async def measure(server: "Server", requests: list, concurrency: int) -> tuple:
+    """run_load against `server` while its gauges are sampled: (results, wall, samples)."""
+    done = asyncio.Event()
+    sampler = asyncio.create_task(sample_gauges(server, done))
+    try:
+        results, wall = await run_load(f"http://127.0.0.1:{server.port}/v1", requests,
+                                       concurrency)
+    finally:
+        done.set()
+    return results, wall, await sampler
 
 
 # ---------------------------------------------------------------- load
@@ -298,18 +399,25 @@ ROWS = [("latency p50 (s)", "latency_p50_s", False), ("latency p90 (s)", "latenc
         ("TTFT p90 (s)", "ttft_p90_s", False), ("TTFT p99 (s)", "ttft_p99_s", False),
         ("requests/s", "requests_per_s", True), ("output tokens/s", "output_tokens_per_s", True),
         ("wall (s)", "wall_s", False), ("errors", "errors", False),
-        ("preemptions", "preemptions", False), ("server start (s)", "startup_s", False)]
+        ("preemptions", "preemptions", False), ("running, mean", "running_mean", True),
+        ("running, peak", "running_peak", True), ("waiting, mean", "waiting_mean", False),
+        ("KV pool use, mean", "kv_usage_mean", False),
+        ("KV per running request (tokens)", "kv_tokens_per_running", False),
+        ("server start (s)", "startup_s", False)]
+
+
+NO_RATIO = ("errors", "preemptions", "startup_s", "running_peak")
 
 
 def table(runs: dict) -> str:
     names = list(runs)
     base = runs.get("dense")
-    head = f"{'':<18}" + "".join(f"{n:>12}" for n in names)
+    head = f"{'':<32}" + "".join(f"{n:>12}" for n in names)
     others = [n for n in names if n != "dense"] if base else []
     head += "".join(f"{' ' + n + '/dense':>15}" for n in others)
     lines = [head]
     for label, key, _higher_better in ROWS:
-        row = f"{label:<18}"
+        row = f"{label:<32}"
         for n in names:
             v = runs[n].get(key)
             if v is None:
@@ -319,7 +427,7 @@ def table(runs: dict) -> str:
         for n in others:
             a, b = runs[n].get(key), base.get(key)
             ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
-            ok = ok and key not in ("errors", "preemptions", "startup_s")
+            ok = ok and key not in NO_RATIO
             row += f"{a / b:>15.3f}" if ok else f"{'-':>15}"
         lines.append(row)
     return "\n".join(lines)
@@ -369,6 +477,11 @@ def main() -> int:
     if not args.min_prompt <= args.max_prompt <= args.max_model_len - args.max_tokens:
         raise SystemExit(f"prompt lengths [{args.min_prompt}, {args.max_prompt}] plus up to "
                          f"{args.max_tokens} output tokens do not fit in {args.max_model_len}")
+    pool = args.kv_blocks and block_size(args) and args.kv_blocks * block_size(args)
+    if pool and pool < args.max_model_len:
+        raise SystemExit(f"--kv-blocks {args.kv_blocks} holds {pool}"
+                         f" tokens, less than one request at --max-model-len "
+                         f"{args.max_model_len}; vLLM refuses to start with such a pool")
     env = dict(os.environ)
     if args.on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in env:
         dtype_bytes = 4 if args.dtype == "float32" else 2
@@ -393,9 +506,10 @@ def main() -> int:
             server.wait_ready()
             print(f"{backend}: server ready in {server.startup_s:.1f} s; running the load",
                   flush=True)
-            results, wall = asyncio.run(run_load(f"http://127.0.0.1:{server.port}/v1",
-                                                 requests, args.concurrency))
-            summary = summarize(results, wall)
+            pool = pool_tokens(server.metrics_text())
+            results, wall, samples = asyncio.run(measure(server, requests, args.concurrency))
+            summary = summarize(results, wall) | occupancy(samples, pool)
+            summary["gauge_samples"] = samples
             summary["startup_s"] = server.startup_s
             preemptions = server.metric("vllm:num_preemptions_total")
             summary["preemptions"] = None if preemptions is None else int(preemptions)

@@ -124,3 +124,29 @@ def speed_plot(run: dict, out_dir: Path) -> str | None:
     _legend(axes)
     fig.suptitle(f"{run.get('device', '?')}: decode speed against context", fontsize="medium")
     return _save(fig, out_dir, f"speed_decode_{slug(run.get('device', '?'))}.png")
+
+
+def load_plot(run: dict, out_dir: Path) -> str | None:
+    """Running requests and KV-pool use against time under load.py's load, one line per
+    backend (the server's gauges, sampled once a second); None for runs without samples."""
+    runs = {b: r["gauge_samples"] for b, r in run.get("runs", {}).items()
+            if r.get("gauge_samples")}
+    if not runs:
+        return None
+    fig, axes = _panels(2, width=4.4)
+    for backend in methods_of([{"method": b} for b in runs]):
+        samples = runs[backend]
+        style = dict(label=backend, color=COLORS.get(backend),
+                     linestyle="--" if backend == "dense" else "-")
+        t = [s["t"] for s in samples]
+        axes[0].plot(t, [s["running"] or 0 for s in samples], **style)
+        axes[1].plot(t, [100 * (s["kv_usage"] or 0) for s in samples], **style)
+    axes[0].set_ylabel("running requests")
+    axes[1].set_ylabel("KV pool in use (%)")
+    for ax in axes:
+        ax.set_xlabel("time into the load (s)")
+    _legend(axes)
+    blocks = run.get("settings", {}).get("kv_blocks")
+    pool = f", KV pool {blocks} blocks" if blocks else ""
+    fig.suptitle(f"{run.get('device', '?')}: under load{pool}", fontsize="medium")
+    return _save(fig, out_dir, f"load_{slug(run.get('device', '?'))}.png")

@@ -159,8 +159,13 @@ def speed_parts(run, plots_dir, link_dir):
 
 def load_parts(run, plots_dir, link_dir):
     settings = run.get("settings", {})
+    pool = (f"; every server's KV pool {settings['kv_blocks']} blocks"
+            if settings.get("kv_blocks") else "")
     return [f"{settings.get('requests', '?')} requests, {settings.get('concurrency', '?')} "
-            f"concurrent; each cell: value (×ratio to dense):\n", tables.load_table(run) + "\n",
+            f"concurrent{pool}; each cell: value (×ratio to dense):\n",
+            tables.load_table(run) + "\n",
+            _image(report_plots.load_plot(run, plots_dir), link_dir,
+                   "running requests and KV pool use under load"),
             "**Run failed** (errors, short outputs or server errors).\n" if run.get("ok") is False
             else ""]
 

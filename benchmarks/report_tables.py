@@ -211,17 +211,26 @@ LOAD_ROWS = [("latency p50 (s)", "latency_p50_s"), ("latency p90 (s)", "latency_
              ("latency p99 (s)", "latency_p99_s"), ("TTFT p50 (s)", "ttft_p50_s"),
              ("TTFT p90 (s)", "ttft_p90_s"), ("TTFT p99 (s)", "ttft_p99_s"),
              ("requests/s", "requests_per_s"), ("output tokens/s", "output_tokens_per_s"),
-             ("errors", "errors"), ("preemptions", "preemptions")]
+             ("errors", "errors"), ("preemptions", "preemptions"),
+             ("running requests, mean", "running_mean"), ("running requests, peak", "running_peak"),
+             ("waiting requests, mean", "waiting_mean"), ("KV pool use, mean", "kv_usage_mean"),
+             ("KV held per running request (tokens)", "kv_tokens_per_running")]
+LOAD_GAUGES = ("running_mean", "running_peak", "waiting_mean", "kv_usage_mean",
+               "kv_tokens_per_running")
+"""load.py's samples of the server's gauges; runs before 2026-11-24 have none (rows left out)."""
 
 
 def load_table(run: dict) -> str:
     backends = methods_of([{"method": b} for b in run.get("runs", {})])
     if not backends:
         return ""
+    sampled = any(key in r for r in run["runs"].values() for key in LOAD_GAUGES)
     out = []
     for label, key in LOAD_ROWS:
+        if key in LOAD_GAUGES and not sampled:
+            continue
         ref = run["runs"].get("dense", {}).get(key)
-        ratio_ok = key not in ("errors", "preemptions")
+        ratio_ok = key not in ("errors", "preemptions", "running_peak")
         out.append([label, *(cell(run["runs"][b].get(key),
                                   ref if ratio_ok and b != "dense" else None) for b in backends)])
     return table(["", *backends], out)

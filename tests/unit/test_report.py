@@ -225,3 +225,31 @@ def test_grid_coverage_section_rendered(rendered):
     radar = rows_of(md, "cpu")[1]     # dense first, then radar
     assert radar[1] == "radar" and radar[2].startswith("2 of 12; missing 1,024 (all)")
     assert rows_of(md, GPU)[1][4] == "—"    # no GPU speed run
+
+
+def test_load_table_shows_the_servers_gauges_when_sampled():
+    from report_tables import load_table
+
+    gauges = {"running_mean": 4.0, "running_peak": 6, "waiting_mean": 8.0,
+              "kv_usage_mean": 0.9, "kv_tokens_per_running": 1000.0}
+    run = {"runs": {"dense": {"requests_per_s": 1.0, **gauges},
+                    "nats": {"requests_per_s": 1.5, **gauges, "running_mean": 10.0,
+                             "running_peak": 12, "kv_tokens_per_running": 250.0}}}
+    md = load_table(run)
+    assert rows_of(md, "running requests, mean")[0][1:] == ["4.000", "10.000 (×2.500)"]
+    assert rows_of(md, "running requests, peak")[0][1:] == ["6", "12"]
+    assert rows_of(md, "KV held per running request (tokens)")[0][1:] == [
+        "1,000.000", "250.000 (×0.250)"]
+    assert "running requests" not in load_table(LOAD)      # a run without samples: no rows
+
+
+def test_load_plot_only_for_runs_with_gauge_samples(tmp_path):
+    import report_plots
+
+    samples = [{"t": float(t), "running": float(t % 3), "waiting": 0.0, "kv_usage": 0.1 * t}
+               for t in range(5)]
+    run = {"device": "cpu", "settings": {"kv_blocks": 192},
+           "runs": {"dense": {"gauge_samples": samples}, "nats": {"gauge_samples": samples}}}
+    name = report_plots.load_plot(run, tmp_path)
+    assert name == "load_cpu.png" and (tmp_path / name).stat().st_size > 1000
+    assert report_plots.load_plot(LOAD, tmp_path) is None
