@@ -15,9 +15,9 @@ so every request produces exactly its drawn number of tokens), stops the server 
 It prints p50/p90/p99 of end-to-end latency and of time to first token (TTFT, the first
 streamed token), requests/s and output tokens/s, side by side with Radar/dense ratios, and
 writes benchmarks/results/load[_small].json (machine, versions, date, every setting, each
-server's `vllm_sparse config:` line and preemption count; a list of runs, one per device, so
-another device's run is kept). Any failed request, short
-output or server error makes it exit non-zero.
+server's `vllm_sparse config:` line and preemption count; a list of runs, one per device and
+scenario (the default pool, or `--kv-blocks`), so another device's or scenario's run is kept).
+Any failed request, short output or server error makes it exit non-zero.
 
 While the load runs, the server's own gauges are read from /metrics once a second
 (`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`):
@@ -544,6 +544,7 @@ def main() -> int:
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
                      "python": platform.python_version(), "vllm_sparse": git_revision()},
         "mode": "small" if args.small else "full", "command": command_line(),
+        "scenario": f"KV pool of {args.kv_blocks} blocks" if args.kv_blocks else None,
         "model": model, "settings": {k: v for k, v in vars(args).items() if k != "serve_arg"}
         | {"serve_arg": args.serve_arg,
            "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE")},

@@ -149,4 +149,5 @@ def load_plot(run: dict, out_dir: Path) -> str | None:
     blocks = run.get("settings", {}).get("kv_blocks")
     pool = f", KV pool {blocks} blocks" if blocks else ""
     fig.suptitle(f"{run.get('device', '?')}: under load{pool}", fontsize="medium")
-    return _save(fig, out_dir, f"load_{slug(run.get('device', '?'))}.png")
+    name = slug(f"{run.get('device', '?')} {run.get('scenario') or ''}")
+    return _save(fig, out_dir, f"load_{name}.png")

@@ -107,7 +107,8 @@ def run_sections(bench: str, runs: list[dict], plots_dir: Path, link_dir: str, m
                 f"(`python benchmarks/report.py --run {mode} --stages {bench}` runs it).\n")
     parts = []
     for run in runs:
-        parts += [f"### {run.get('device', '?')}", "", tables.run_header(run), ""]
+        scenario = f": {run['scenario']}" if run.get("scenario") else ""
+        parts += [f"### {run.get('device', '?')}{scenario}", "", tables.run_header(run), ""]
         parts += [x for x in RENDER[bench](run, plots_dir, link_dir) if x] + [""]
     return "\n".join(parts)
 
@@ -200,7 +201,7 @@ def document(results: dict, plots_dir: Path, link_dir: str, notes_dir: Path | No
         "## Radar perplexity (`benchmarks/radar_perplexity.py`)", n("radar_perplexity"),
         sections("radar_perplexity"), n("radar_estimator"),
         "## Decode speed (`benchmarks/speed.py`)", sections("speed"), n("cpu_speed"),
-        "## Load (`benchmarks/load.py`)", sections("load"),
+        "## Load (`benchmarks/load.py`)", sections("load"), n("load"),
         *(["## GPU kernels", n("gpu_kernels")] if n("gpu_kernels") else [])]
     text = "\n\n".join(p.strip("\n") for p in parts if p.strip())
     return re.sub(r"\n{3,}", "\n\n", text) + "\n"

@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Reading and writing benchmarks/results/*.json, shared by the benchmark scripts and report.py.
 
-A results file is a list of runs, at most one per device ("cpu" or the GPU's name): a rerun
-replaces the run of its own device and keeps every other device's, so a CPU rerun never drops
-GPU rows. Files written before this module are read too: `{"runs": [...]}` (speed.py) and a
-single run (load.py, radar_perplexity.py).
+A results file is a list of runs, at most one per device ("cpu" or the GPU's name) and
+scenario (a run's optional "scenario", e.g. load.py's fixed KV pool): a rerun replaces the run
+of its own device and scenario and keeps every other, so a CPU rerun never drops GPU rows.
+Files written before this module are read too: `{"runs": [...]}` (speed.py) and a single run
+(load.py, radar_perplexity.py).
 """
 
 import json
@@ -29,9 +30,11 @@ def read_runs(path: Path) -> list[dict]:
 
 
 def save_run(path: Path, run: dict) -> None:
-    """Append `run` to the file, replacing an earlier run of the same device, keeping the others."""
+    """Append `run` to the file, replacing an earlier run of the same device and scenario,
+    keeping the others."""
     path = Path(path)
-    runs = [r for r in read_runs(path) if r.get("device") != run["device"]] + [run]
+    key = (run["device"], run.get("scenario"))
+    runs = [r for r in read_runs(path) if (r.get("device"), r.get("scenario")) != key] + [run]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(runs, indent=2) + "\n")

@@ -202,6 +202,20 @@ def test_a_cpu_run_keeps_gpu_runs(tmp_path, layout):
     assert f"### {GPU}" in md and "8.400 (×1.050)" in md
 
 
+def test_a_run_of_another_scenario_is_kept_and_titled(tmp_path):
+    path = tmp_path / "load.json"
+    pool = {**LOAD, "scenario": "KV pool of 192 blocks", "date": "2026-11-24"}
+    save_run(path, LOAD)
+    save_run(path, pool)
+    save_run(path, {**pool, "date": "2026-11-25"})           # replaces its own scenario only
+    runs = read_runs(path)
+    assert [(r.get("scenario"), r["date"]) for r in runs] == [
+        (None, LOAD["date"]), ("KV pool of 192 blocks", "2026-11-25")]
+    md = report_render.document(report_render.load_results(tmp_path, small=False),
+                                tmp_path / "plots", "plots", None, small=False)
+    assert "### cpu\n" in md and "### cpu: KV pool of 192 blocks\n" in md
+
+
 def test_small_mode_never_writes_the_committed_report():
     md, plots, notes = report.outputs(small=True)
     assert md.parent == report.RESULTS and plots.parent == report.RESULTS and notes is None
