@@ -65,6 +65,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from report_tables import LOAD_NO_RATIO, LOAD_ROWS  # noqa: E402
 from results_io import command_line, save_run  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -169,13 +170,20 @@ def free_port() -> int:
 CPU_BLOCK_SIZE = 32   # Radar's pinned block size, given to every backend on CPU
 
 
+def _explicit_block_size(serve_arg: list[str]) -> int | None:
+    """N of --serve-arg=--block-size=N (or --block-size N), None if not given."""
+    for i, arg in enumerate(serve_arg):
+        if arg.startswith("--block-size"):
+            return int(arg.split("=", 1)[1] if "=" in arg else serve_arg[i + 1])
+    return None
+
+
 def block_size(args) -> int | None:
     """The KV block size the servers run with: --serve-arg=--block-size=N, else 32 on CPU;
     None where vLLM picks it (GPU)."""
-    for i, arg in enumerate(args.serve_arg):
-        if arg.startswith("--block-size"):
-            value = arg.split("=", 1)[1] if "=" in arg else args.serve_arg[i + 1]
-            return int(value)
+    explicit = _explicit_block_size(args.serve_arg)
+    if explicit is not None:
+        return explicit
     return CPU_BLOCK_SIZE if args.on_cpu else None
 
 
@@ -186,7 +194,7 @@ def server_command(backend: str, model: str, args, port: int) -> list[str]:
            "--dtype", args.dtype, "--seed", str(args.seed), *args.serve_arg]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
-    if args.on_cpu and not any(a.startswith("--block-size") for a in args.serve_arg):
+    if args.on_cpu and _explicit_block_size(args.serve_arg) is None:
         cmd += ["--block-size", str(CPU_BLOCK_SIZE)]
     if args.kv_blocks is not None:
         cmd += ["--num-gpu-blocks-override", str(args.kv_blocks)]
@@ -394,30 +402,20 @@ def summarize(results: list[dict], wall: float) -> dict:
 
 
 # ---------------------------------------------------------------- report
-ROWS = [("latency p50 (s)", "latency_p50_s", False), ("latency p90 (s)", "latency_p90_s", False),
-        ("latency p99 (s)", "latency_p99_s", False), ("TTFT p50 (s)", "ttft_p50_s", False),
-        ("TTFT p90 (s)", "ttft_p90_s", False), ("TTFT p99 (s)", "ttft_p99_s", False),
-        ("requests/s", "requests_per_s", True), ("output tokens/s", "output_tokens_per_s", True),
-        ("wall (s)", "wall_s", False), ("errors", "errors", False),
-        ("preemptions", "preemptions", False), ("running, mean", "running_mean", True),
-        ("running, peak", "running_peak", True), ("waiting, mean", "waiting_mean", False),
-        ("KV pool use, mean", "kv_usage_mean", False),
-        ("KV per running request (tokens)", "kv_tokens_per_running", False),
-        ("server start (s)", "startup_s", False)]
-
-
-NO_RATIO = ("errors", "preemptions", "startup_s", "running_peak")
+ROWS = [*LOAD_ROWS[:8], ("wall (s)", "wall_s"), *LOAD_ROWS[8:], ("server start (s)", "startup_s")]
+"""The report's rows (report_tables.LOAD_ROWS) plus two the console table adds."""
+NO_RATIO = (*LOAD_NO_RATIO, "startup_s")
 
 
 def table(runs: dict) -> str:
     names = list(runs)
     base = runs.get("dense")
-    head = f"{'':<32}" + "".join(f"{n:>12}" for n in names)
+    head = f"{'':<38}" + "".join(f"{n:>12}" for n in names)
     others = [n for n in names if n != "dense"] if base else []
     head += "".join(f"{' ' + n + '/dense':>15}" for n in others)
     lines = [head]
-    for label, key, _higher_better in ROWS:
-        row = f"{label:<32}"
+    for label, key in ROWS:
+        row = f"{label:<38}"
         for n in names:
             v = runs[n].get(key)
             if v is None:
@@ -550,7 +548,7 @@ def main() -> int:
            "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE")},
         "runs": runs,
         "ratios_vs_dense": {n: {key: runs[n][key] / runs["dense"][key]
-                                for _, key, _ in ROWS[:8] if runs["dense"].get(key)}
+                                for _, key in LOAD_ROWS[:8] if runs["dense"].get(key)}
                             for n in runs if n != "dense" and "dense" in runs},
         "total_s": time.perf_counter() - t_start,
         "ok": not failed,

@@ -215,6 +215,7 @@ LOAD_ROWS = [("latency p50 (s)", "latency_p50_s"), ("latency p90 (s)", "latency_
              ("running requests, mean", "running_mean"), ("running requests, peak", "running_peak"),
              ("waiting requests, mean", "waiting_mean"), ("KV pool use, mean", "kv_usage_mean"),
              ("KV held per running request (tokens)", "kv_tokens_per_running")]
+LOAD_NO_RATIO = ("errors", "preemptions", "running_peak")   # counts and peaks: no × dense
 LOAD_GAUGES = ("running_mean", "running_peak", "waiting_mean", "kv_usage_mean",
                "kv_tokens_per_running")
 """load.py's samples of the server's gauges; runs before 2026-11-24 have none (rows left out)."""
@@ -230,7 +231,7 @@ def load_table(run: dict) -> str:
         if key in LOAD_GAUGES and not sampled:
             continue
         ref = run["runs"].get("dense", {}).get(key)
-        ratio_ok = key not in ("errors", "preemptions", "running_peak")
+        ratio_ok = key not in LOAD_NO_RATIO
         out.append([label, *(cell(run["runs"][b].get(key),
                                   ref if ratio_ok and b != "dense" else None) for b in backends)])
     return table(["", *backends], out)
