@@ -6,10 +6,18 @@
   online softmaxes at -inf and meet -inf logits (unsummarised pages).
 
 * Threads: the kernels run on as many threads as torch uses (vLLM's CPU worker sets
-  torch's count from its core binding), on Numba's `workqueue` layer unless the user
-  chose one (`NUMBA_THREADING_LAYER`): the default OpenMP layer left torch's next small
-  ops about 100x slower on the 2-core CI machine (a 20 us `torch.exp` took 2 ms after one
-  Numba parallel call). The layer is fixed at Numba's first parallel launch.
+  torch's count from its core binding), on Numba's `omp` layer first (then `workqueue`)
+  unless the user chose (`NUMBA_THREADING_LAYER` or `NUMBA_THREADING_LAYER_PRIORITY`).
+  Numba's OpenMP pool resolves `GOMP_parallel` to the libgomp torch loaded first
+  (globally), so torch and the kernels share one set of OpenMP threads. The `workqueue` layer starts threads of its own beside torch's spinning
+  OpenMP workers: four busy threads on the 2-core CI machine, and a SmolLM2 decode step
+  with Radar at 4K context, batch 8, took 181-202 ms instead of 108 ms (omp).
+  Numba's `tbb` layer, which Numba's "default" prefers when installed, would do the same.
+  GNU OpenMP is not fork-safe: a process forked after a kernel ran stops at its first
+  kernel with Numba's "fork() called from a process already using GNU OpenMP" message.
+  vLLM's CPU platform starts its engine and workers with `spawn`, and Ray execs its
+  workers, so this does not arise in vLLM. The layer is fixed at Numba's first
+  parallel launch.
 * vLLM 0.32's CPU worker start (`register_triton_kernel_overrides`) scans every loaded
   module's attributes with `vars(value).get("kernel")`. llvmlite's `binding.ffi.lib`
   answers any attribute, `__dict__` included, with a ctypes wrapper, so the scan raises
@@ -18,6 +26,8 @@
   `__dict__` entry in its own attribute cache makes the scan skip it; llvmlite never
   looks that name up itself.
 """
+
+import os
 
 import numba
 import torch
@@ -28,8 +38,9 @@ from llvmlite.binding import ffi
 # only as `vllm_sparse.kernels.*` (a cache written under another name fails to load).
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 
-if numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "workqueue"
+if "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    # With THREADING_LAYER "default", Numba takes the first of these that loads.
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
 _fntab = vars(type(ffi.lib)).get("_fntab")     # a slot; absent in other llvmlite versions
 if _fntab is not None and isinstance(_fntab.__get__(ffi.lib), dict):

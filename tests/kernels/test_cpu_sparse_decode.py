@@ -5,6 +5,9 @@ Checked against the Triton kernel's pure-torch reference (`sparse_paged_decode_r
 independent python-set union with a float64 softmax, on strided cache views of every layout
 the Triton tests use (vLLM's own is "permuted": token-major blocks)."""
 
+import os
+
+import numba
 import pytest
 import torch
 from paged_inputs import (  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
@@ -88,3 +91,15 @@ def test_bad_inputs_are_named():
         cpu_sparse_paged_decode(query, kv_cache, block_table, seq_lens, selected, "tokens")
     with pytest.raises(ValueError, match="does not fit"):
         cpu_sparse_paged_decode(query[:, :3], kv_cache, block_table, seq_lens, selected)
+
+
+@pytest.mark.skipif(any(k in os.environ for k in ("NUMBA_THREADING_LAYER",
+                                                  "NUMBA_THREADING_LAYER_PRIORITY")),
+                    reason="the user chose Numba's threading layer")
+def test_kernels_run_on_numba_openmp_layer():
+    """kernels/numba_setup.py puts Numba's parallel loops on its OpenMP layer (torch's libgomp
+    pool, shared with torch), not its own workqueue threads beside torch's."""
+    query, kv_cache, block_table, seq_lens = decode_inputs([40], 4, 2, torch.float32)
+    cpu_sparse_paged_decode(query, kv_cache, block_table, seq_lens,
+                            random_selection([40], 2, "page", 2))
+    assert numba.threading_layer() == "omp"

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Tests for the Radar summary and page-score kernels (kernels/radar_score.py, Triton, and
-kernels/cpu_radar_score.py, the Numba page scores of the CPU path).
+"""Tests for the Radar summary and page-score kernels (kernels/radar_score.py, Triton; the CPU
+path's fused Numba selection, kernels/cpu_radar_select.py, has its own test file).
 
 Each kernel is checked against its pure-torch reference and, where vLLM is importable
 (not on the bare GPU machine), against `vllm_sparse.policies.radar.RadarPolicy` itself,
@@ -22,18 +22,6 @@ from kernels.radar_score import (  # noqa: E402
     radar_summarize_pages_ref,
 )
 
-
-def _numba_page_scores(*args, **kwargs):
-    # imported as the engine imports it: Numba's on-disk cache records the module name
-    from vllm_sparse.kernels.cpu_radar_score import cpu_radar_page_scores
-
-    return cpu_radar_page_scores(*args, **kwargs)
-
-
-# The page-score launchers: Triton (interpreted on a CPU) and Numba (CPU tensors only).
-SCORE_LAUNCHERS = [pytest.param(radar_page_scores, id="triton"),
-                   pytest.param(_numba_page_scores, id="numba",
-                                marks=pytest.mark.skipif(DEVICE != "cpu", reason="CPU kernel"))]
 
 # log(0) of never-summarised pages is part of the semantics (-inf logits); numpy warns under the interpreter
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
@@ -141,11 +129,10 @@ def test_summarize_pages(hq, hkv, n, dtype, center):
             torch.testing.assert_close(means, policy.means, **MEAN_TOL)
 
 
-@pytest.mark.parametrize("launcher", SCORE_LAUNCHERS)
 @pytest.mark.parametrize("dtype,center", DTYPE_CENTER)
 @pytest.mark.parametrize("n", PROJ_DIMS)
 @pytest.mark.parametrize("hq,hkv", GQA)
-def test_page_scores(hq, hkv, n, dtype, center, launcher):
+def test_page_scores(hq, hkv, n, dtype, center):
     """Shares equal `RadarPolicy.page_scores` on the same summaries (and means), queries and block table."""
     block_table = _block_table(NUM_PAGES, NUM_BLOCKS)
     gen = torch.Generator().manual_seed(4)
@@ -163,7 +150,7 @@ def test_page_scores(hq, hkv, n, dtype, center, launcher):
     num_pages = torch.tensor(NUM_PAGES, device=DEVICE)
 
     args = (query, summaries, page_max, block_table, num_pages, projection, SCALE)
-    shares = launcher(*args, means=means)
+    shares = radar_page_scores(*args, means=means)
     assert shares.shape == (len(NUM_PAGES), hkv, max(NUM_PAGES)) and shares.dtype == torch.float32
     torch.testing.assert_close(shares, radar_page_scores_ref(*args, means=means), **SHARE_TOL)
     group, row_sums = hq // hkv, shares.sum(-1)
@@ -239,8 +226,6 @@ def test_odd_shapes(center):
             projection, scale)
     ref = radar_page_scores_ref(*args, means=means)
     torch.testing.assert_close(radar_page_scores(*args, means=means), ref, **SHARE_TOL)
-    if DEVICE == "cpu":   # the Numba kernel on the same strided summaries, page maxima and means
-        torch.testing.assert_close(_numba_page_scores(*args, means=means), ref, **SHARE_TOL)
 
 
 def test_empty_inputs():
@@ -259,11 +244,6 @@ def test_empty_inputs():
     shares = radar_page_scores(query[:0], summaries, page_max, table[:0], torch.zeros(0, dtype=torch.int32,
                                device=DEVICE), projection, SCALE, max_pages=3)
     assert shares.shape == (0, hkv, 3)
-    if DEVICE == "cpu":
-        assert _numba_page_scores(query, summaries, page_max, table, torch.zeros(2, dtype=torch.int32),
-                                  projection, SCALE).shape == (2, hkv, 0)
-        assert _numba_page_scores(query[:0], summaries, page_max, table[:0], torch.zeros(0, dtype=torch.int32),
-                                  projection, SCALE, max_pages=3).shape == (0, hkv, 3)
 
 
 @pytest.mark.gpu

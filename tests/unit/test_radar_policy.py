@@ -37,17 +37,18 @@ def _paged(keys_values, num_blocks, generator):
     return kv_cache, table
 
 
+@pytest.mark.parametrize("kernels", ["torch", "numba"])   # "numba": kernels/cpu_radar_select.py
 @pytest.mark.parametrize("center_keys", [True, False])
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("budget", [64, 200, 0.3])
-def test_selection_equals_oracle(heads, budget, center_keys):
+def test_selection_equals_oracle(heads, budget, center_keys, kernels):
     hq, hkv = heads
     gen = torch.Generator().manual_seed(hq * 31 + hkv)
     config = RadarConfig(projection_dim=64, aspect_ratio=1.0, num_sink_tokens=2, local_window=24,
                          center_keys=center_keys)
     kvs = [torch.randn(n, hkv, 2 * HEAD, generator=gen) for n in LENGTHS]
     kv_cache, table = _paged(kvs, 256, gen)
-    policy = RadarPolicy(config, HEAD, scale=HEAD ** -0.5)
+    policy = RadarPolicy(config, HEAD, scale=HEAD ** -0.5, kernels=kernels)
     # pages are summarised as their last slot is written; replay the writes step by step
     slots = torch.cat([table[i, torch.arange(kv.shape[0]) // BLOCK].long() * BLOCK
                        + torch.arange(kv.shape[0]) % BLOCK for i, kv in enumerate(kvs)])

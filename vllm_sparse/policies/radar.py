@@ -36,6 +36,7 @@ Parameters: see `vllm_sparse.config.RadarConfig`.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -131,12 +132,6 @@ class RadarPolicy(SparsePolicy):
             return radar_page_scores(queries.query, self.summaries, self.page_max,
                                      queries.block_table, num_pages, self.projection, self.scale,
                                      max_pages=max_pages, means=self.means)
-        if self.kernels == "numba":
-            from vllm_sparse.kernels.cpu_radar_score import cpu_radar_page_scores
-
-            return cpu_radar_page_scores(queries.query, self.summaries, self.page_max,
-                                         queries.block_table, num_pages, self.projection,
-                                         self.scale, max_pages=max_pages, means=self.means)
         blocks = queries.block_table[:, :max_pages].long()
         summaries = self.summaries[blocks].transpose(1, 2)         # [N, Hkv, P, F]
         page_max = self.page_max[blocks].transpose(1, 2)           # [N, Hkv, P]
@@ -156,35 +151,72 @@ class RadarPolicy(SparsePolicy):
 
     def select(self, queries: DecodeQueries, kv_cache: torch.Tensor) -> Selection:
         block_size = kv_cache.shape[2]
-        seq_lens, budgets = queries.seq_lens.long(), queries.budgets.long()
-        # a budget smaller than sinks + window shrinks them: sinks first, then the window
-        sinks = budgets.clamp(max=self.num_sink_tokens)
-        window = (budgets - sinks).clamp(max=self.local_window)
-        window_start = (seq_lens - window).clamp(min=0)
-        num_pages = torch.minimum(-(-window_start // block_size), seq_lens // block_size)
-        seg_pages = segment_pages(seq_lens, self.config.aspect_ratio, block_size)
-        num_segments = -(-num_pages // seg_pages)
-        spare = budgets - sinks - window
-        k = torch.minimum((spare // (seg_pages * block_size)).clamp(min=0), num_segments)
+        if self.kernels == "numba":     # the whole selection in one kernel (no torch ops)
+            from vllm_sparse.kernels.cpu_radar_select import cpu_radar_select
+
+            return Selection(*cpu_radar_select(
+                queries.query, self.summaries, self.page_max, self.means, queries.block_table,
+                queries.seq_lens, queries.budgets, self.projection, self.scale,
+                num_sink_tokens=self.num_sink_tokens, local_window=self.local_window,
+                aspect_ratio=self.config.aspect_ratio, block_size=block_size))
+        sizes = selection_sizes(queries.seq_lens, queries.budgets, self.num_sink_tokens,
+                                self.local_window, self.config.aspect_ratio, block_size)
         num_rows, num_kv_heads = queries.query.shape[0], kv_cache.shape[1]
-        k_max = int(k.max()) if num_rows else 0
-        if k_max == 0:
+        if num_rows == 0 or int(sizes.keep.max()) == 0:
             return Selection(torch.full((num_rows, num_kv_heads, 0), -1, dtype=torch.long,
-                                        device=kv_cache.device), sinks, window)
-        shares = self.page_scores(queries, num_pages)                # [N, Hkv, P]
-        page_ids = torch.arange(shares.shape[-1], device=shares.device)
-        max_segments = int(num_segments.max())
-        # pages past a row's candidates have zero share; clamp their segment into range
-        segment_of = (page_ids // seg_pages[:, None]).clamp(max=max_segments - 1)
-        seg_scores = torch.zeros(num_rows, num_kv_heads, max_segments, device=shares.device)
-        seg_scores.scatter_add_(-1, segment_of[:, None].expand_as(shares), shares)
-        seg_valid = torch.arange(seg_scores.shape[-1], device=shares.device) < num_segments[:, None]
-        seg_scores = seg_scores.masked_fill(~seg_valid[:, None], float("-inf"))
-        best = seg_scores.topk(k_max, dim=-1).indices                 # [N, Hkv, k_max]
-        rank_ok = torch.arange(k_max, device=best.device) < k[:, None, None]
-        c_max = int(seg_pages.max())
-        offsets = torch.arange(c_max, device=best.device)
-        pages = best[..., None] * seg_pages[:, None, None, None] + offsets
-        ok = (rank_ok[..., None] & (offsets < seg_pages[:, None, None, None])
-              & (pages < num_pages[:, None, None, None]))
-        return Selection(pages.where(ok, -1).flatten(2), sinks, window)
+                                        device=kv_cache.device), sizes.sinks, sizes.window)
+        shares = self.page_scores(queries, sizes.num_pages)          # [N, Hkv, P]
+        return Selection(top_segment_pages(shares, sizes), sizes.sinks, sizes.window)
+
+
+class SelectionSizes(NamedTuple):
+    """Per-row sizes of a Radar selection, each [N] int64: sink and window tokens, candidate
+    pages, pages per segment, candidate segments, and segments kept."""
+
+    sinks: torch.Tensor
+    window: torch.Tensor
+    num_pages: torch.Tensor
+    seg_pages: torch.Tensor
+    num_segments: torch.Tensor
+    keep: torch.Tensor
+
+
+def selection_sizes(seq_lens: torch.Tensor, budgets: torch.Tensor, num_sink_tokens: int,
+                    local_window: int, aspect_ratio: float, block_size: int) -> SelectionSizes:
+    """How a budget splits for contexts `seq_lens` [N] (module docstring: sinks, window,
+    then whole segments of the full pages before the window)."""
+    seq_lens, budgets = seq_lens.long(), budgets.long()
+    # a budget smaller than sinks + window shrinks them: sinks first, then the window
+    sinks = budgets.clamp(max=num_sink_tokens)
+    window = (budgets - sinks).clamp(max=local_window)
+    window_start = (seq_lens - window).clamp(min=0)
+    num_pages = torch.minimum(-(-window_start // block_size), seq_lens // block_size)
+    seg_pages = segment_pages(seq_lens, aspect_ratio, block_size)
+    num_segments = -(-num_pages // seg_pages)
+    spare = budgets - sinks - window
+    keep = torch.minimum((spare // (seg_pages * block_size)).clamp(min=0), num_segments)
+    return SelectionSizes(sinks, window, num_pages, seg_pages, num_segments, keep)
+
+
+def top_segment_pages(shares: torch.Tensor, sizes: SelectionSizes) -> torch.Tensor:
+    """Pages [N, Hkv, k_max * c_max] of each row's `sizes.keep` best segments by summed page
+    share (shares [N, Hkv, P], 0 past a row's candidates), in rank order, -1 padded."""
+    num_rows, num_kv_heads, _ = shares.shape
+    seg_pages, num_segments, num_pages = sizes.seg_pages, sizes.num_segments, sizes.num_pages
+    k_max = int(sizes.keep.max())
+    page_ids = torch.arange(shares.shape[-1], device=shares.device)
+    max_segments = int(num_segments.max())
+    # pages past a row's candidates have zero share; clamp their segment into range
+    segment_of = (page_ids // seg_pages[:, None]).clamp(max=max_segments - 1)
+    seg_scores = torch.zeros(num_rows, num_kv_heads, max_segments, device=shares.device)
+    seg_scores.scatter_add_(-1, segment_of[:, None].expand_as(shares), shares)
+    seg_valid = torch.arange(seg_scores.shape[-1], device=shares.device) < num_segments[:, None]
+    seg_scores = seg_scores.masked_fill(~seg_valid[:, None], float("-inf"))
+    best = seg_scores.topk(k_max, dim=-1).indices                 # [N, Hkv, k_max]
+    rank_ok = torch.arange(k_max, device=best.device) < sizes.keep[:, None, None]
+    c_max = int(seg_pages.max())
+    offsets = torch.arange(c_max, device=best.device)
+    pages = best[..., None] * seg_pages[:, None, None, None] + offsets
+    ok = (rank_ok[..., None] & (offsets < seg_pages[:, None, None, None])
+          & (pages < num_pages[:, None, None, None]))
+    return pages.where(ok, -1).flatten(2)
