@@ -7,7 +7,8 @@ worker runs torch). For each context and batch, with a budget of 25% of the cont
   dense          - vLLM's `cpu_attention_with_kv_cache` (what `CPU_ATTN` runs) on its own cache
                    layout, holding the same K/V,
   radar torch    - `RadarPolicy.select` + `TorchMechanism.decode` (gather, then attend),
-  radar numba    - the same selection with the Numba page scores + `NumbaMechanism.decode`,
+  radar numba    - the same selection in one Numba kernel (`cpu_radar_select`) +
+                   `NumbaMechanism.decode`,
   streaming      - 4 sinks + a window filling the budget, Numba decode (no selection).
 Prints milliseconds per layer call (median of repeats) and each one's speed relative to
 dense; checks first that dense and the Numba path with every page agree.

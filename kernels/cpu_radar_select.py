@@ -2,10 +2,9 @@
 """Radar's whole decode selection on the CPU (Numba): budgets, page scores, top-k segments.
 
 The same result as ``RadarPolicy.select`` with the torch mechanism: for each row and KV
-head, the estimated attention share of every candidate page (as in
-``cpu_radar_score``: the softmax over the row's candidate pages of
-log(qf . summaries) + page_max (+ scale * q . means), summed over the group's query
-heads), summed per segment of ``seg_pages`` pages, and the pages of the k best segments
+head, the estimated attention share of every candidate page (``radar_score``'s module
+docstring defines it: the softmax over the row's candidate pages of log(qf . summaries)
++ page_max (+ scale * q . means), summed over the group's query heads), summed per segment of ``seg_pages`` pages, and the pages of the k best segments
 in rank order, -1 padded; with each row's sink and window sizes.
 
 Why it exists: in torch the selection is about 35 small ops a layer (the query's random
@@ -33,7 +32,8 @@ _MIN_LOG_FEATURE = -87.0
 
 @numba.njit(cache=True, nogil=True)
 def _row_sizes(seq_lens, budgets, num_sink_tokens, local_window, aspect_ratio, block_size):
-    """Per row: sinks, window, candidate pages, pages per segment, segments, segments kept."""
+    """Per row: sinks, window, candidate pages, pages per segment, segments, segments kept
+    ([6, N]): `selection_sizes` of the policy (and its `segment_pages`) without torch ops."""
     num_rows = seq_lens.shape[0]
     sizes = np.empty((6, num_rows), np.int64)
     for n in range(num_rows):
@@ -54,12 +54,11 @@ def _row_sizes(seq_lens, budgets, num_sink_tokens, local_window, aspect_ratio, b
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _select_kernel(query, projection, sqrt_scale, scale, summaries, page_max, means, has_means,
-                   block_table, sizes, out_pages):
+                   block_table, sizes, c_max, out_pages):
     num_rows, num_heads, head_size = query.shape
     num_kv_heads = summaries.shape[1]
     group = num_heads // num_kv_heads
     half_features = projection.shape[1]
-    c_max = out_pages.shape[2] // max(1, sizes[5].max())
     for item in numba.prange(num_rows * num_kv_heads):
         n = item // num_kv_heads
         h = item - n * num_kv_heads
@@ -160,7 +159,7 @@ def cpu_radar_select(query: torch.Tensor, summaries: torch.Tensor, page_max: tor
         _select_kernel(query.float().contiguous().numpy(), projection.contiguous().numpy(),
                        np.float32(math.sqrt(scale)), np.float32(scale), summaries.numpy(),
                        page_max.numpy(), no_means if means is None else means.numpy(),
-                       means is not None, block_table.to(torch.int64).numpy(), sizes,
+                       means is not None, block_table.to(torch.int64).numpy(), sizes, c_max,
                        out_pages.numpy())
     sizes_t = torch.from_numpy(sizes)
     return out_pages, sizes_t[0], sizes_t[1]
