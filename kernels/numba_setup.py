@@ -9,9 +9,10 @@
   torch's count from its core binding), on Numba's `omp` layer first (then `workqueue`)
   unless the user chose (`NUMBA_THREADING_LAYER` or `NUMBA_THREADING_LAYER_PRIORITY`).
   Numba's OpenMP pool resolves `GOMP_parallel` to the libgomp torch loaded first
-  (globally), so torch and the kernels share one set of OpenMP threads. The `workqueue` layer starts threads of its own beside torch's spinning
-  OpenMP workers: four busy threads on the 2-core CI machine, and a SmolLM2 decode step
-  with Radar at 4K context, batch 8, took 181-202 ms instead of 108 ms (omp).
+  (globally), so torch and the kernels share one set of OpenMP threads. The `workqueue`
+  layer starts threads of its own beside torch's spinning OpenMP workers: four busy
+  threads on the 2-core CI machine, and a SmolLM2 decode step with Radar at 4K context,
+  batch 8, took 181-202 ms instead of 108 ms (omp).
   Numba's `tbb` layer, which Numba's "default" prefers when installed, would do the same.
   GNU OpenMP is not fork-safe: a process forked after a kernel ran stops at its first
   kernel with Numba's "fork() called from a process already using GNU OpenMP" message.
@@ -48,7 +49,15 @@ if _fntab is not None and isinstance(_fntab.__get__(ffi.lib), dict):
 
 
 def match_torch_threads() -> None:
-    """Run the next Numba kernel on as many threads as torch uses."""
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    """Run the next Numba kernel on as many threads as torch uses, leaving torch's count as
+    it was: Numba's omp layer, starting its pool (on the first call here), sets the shared
+    libgomp's thread count to NUMBA_NUM_THREADS, which would change torch's too (1 -> 2 on
+    the CI machine; CPU_ATTN then fails its thread-count check). The count is put back
+    with torch's own setter, because vLLM's CPU worker replaces `torch.set_num_threads` by
+    a no-op after it binds its threads."""
+    torch_threads = torch.get_num_threads()
+    wanted = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
+    if torch.get_num_threads() != torch_threads:
+        torch._C.set_num_threads(torch_threads)

@@ -6,8 +6,11 @@ independent python-set union with a float64 softmax, on strided cache views of e
 the Triton tests use (vLLM's own is "permuted": token-major blocks)."""
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
-import numba
 import pytest
 import torch
 from paged_inputs import (  # noqa: I001 (first: sets TRITON_INTERPRET, sys.path)
@@ -96,10 +99,22 @@ def test_bad_inputs_are_named():
 @pytest.mark.skipif(any(k in os.environ for k in ("NUMBA_THREADING_LAYER",
                                                   "NUMBA_THREADING_LAYER_PRIORITY")),
                     reason="the user chose Numba's threading layer")
-def test_kernels_run_on_numba_openmp_layer():
+def test_kernels_run_on_numba_openmp_layer_and_keep_torch_threads():
     """kernels/numba_setup.py puts Numba's parallel loops on its OpenMP layer (torch's libgomp
-    pool, shared with torch), not its own workqueue threads beside torch's."""
-    query, kv_cache, block_table, seq_lens = decode_inputs([40], 4, 2, torch.float32)
-    cpu_sparse_paged_decode(query, kv_cache, block_table, seq_lens,
-                            random_selection([40], 2, "page", 2))
-    assert numba.threading_layer() == "omp"
+    pool, shared with torch), not its own workqueue threads beside torch's; and starting that
+    pool leaves torch's thread count as it was. In a fresh process, since the pool starts
+    once per process."""
+    script = textwrap.dedent("""
+        import numba, torch
+        from paged_inputs import decode_inputs, random_selection
+        from vllm_sparse.kernels.cpu_sparse_decode import cpu_sparse_paged_decode
+        torch.set_num_threads(1)
+        query, kv_cache, block_table, seq_lens = decode_inputs([40], 4, 2, torch.float32)
+        cpu_sparse_paged_decode(query, kv_cache, block_table, seq_lens,
+                                random_selection([40], 2, "page", 2))
+        print(numba.threading_layer(), torch.get_num_threads())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["omp", "1"]
