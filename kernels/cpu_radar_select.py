@@ -4,14 +4,16 @@
 The same result as ``RadarPolicy.select`` with the torch mechanism: for each row and KV
 head, the estimated attention share of every candidate page (``radar_score``'s module
 docstring defines it: the softmax over the row's candidate pages of log(qf . summaries)
-+ page_max (+ scale * q . means), summed over the group's query heads), summed per segment of ``seg_pages`` pages, and the pages of the k best segments
-in rank order, -1 padded; with each row's sink and window sizes.
++ page_max (+ scale * q . means), summed over the group's query heads), summed per
+segment of ``seg_pages`` pages, and the pages of the k best segments in rank order, -1
+padded; with each row's sink and window sizes.
 
 Why it exists: in torch the selection is about 35 small ops a layer (the query's random
 features, the per-row budget arithmetic, the segment scatter, top-k and page expansion).
 On a 2-core CPU each costs 10-20 us of dispatch, about 0.9 ms a layer at batch 8, as much
 as the page scores themselves. Here one serial call sizes the rows and one parallel call
-over (row, KV head) does the rest, reading the page summaries in place.
+over (row, KV head) does the rest, reading the page summaries in place, once per KV head
+for all its query heads, with the exponentials in vector loops (``cpu_exp``).
 
 Reference: ``vllm_sparse.policies.radar.selection_sizes`` and ``top_segment_pages`` on
 ``radar_score.radar_page_scores_ref`` (the policy's torch path).
@@ -23,11 +25,8 @@ import numba
 import numpy as np
 import torch
 
+from .cpu_exp import exp_shifted
 from .numba_setup import FASTMATH, match_torch_threads
-
-# exp(-87) is float32's smallest normal: below it exp() is dominated by slow denormal
-# arithmetic on x86, for terms that add nothing next to the max feature's 1
-_MIN_LOG_FEATURE = -87.0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -52,13 +51,43 @@ def _row_sizes(seq_lens, budgets, num_sink_tokens, local_window, aspect_ratio, b
     return sizes
 
 
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _query_features(query, n, first_head, projection, sqrt_scale, feats, bits):
+    """feats[g] = phi(q) / max phi(q) for the query heads first_head + g of row n: the
+    positive random features (exp of [w.q' - |q'|^2/2, -w.q' - |q'|^2/2], q' = q sqrt(scale)),
+    normalised by their max in the log domain. The projection is read row by row (unit
+    stride over the features, which vectorises)."""
+    group, features = feats.shape
+    half_features = features // 2
+    head_size = projection.shape[0]
+    for g in range(group):
+        fg = feats[g]
+        half_norm = np.float32(0.0)
+        for f in range(half_features):
+            fg[f] = np.float32(0.0)
+        for d in range(head_size):
+            qd = query[n, first_head + g, d] * sqrt_scale
+            half_norm += qd * qd
+            row = projection[d]
+            for f in range(half_features):
+                fg[f] += qd * row[f]
+        half_norm *= np.float32(0.5)
+        top = np.float32(0.0)
+        for f in range(half_features):
+            top = max(top, abs(fg[f]))
+        for f in range(half_features):
+            fg[half_features + f] = -fg[f] - half_norm
+            fg[f] -= half_norm
+        exp_shifted(fg, features, top - half_norm, bits)
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _select_kernel(query, projection, sqrt_scale, scale, summaries, page_max, means, has_means,
                    block_table, sizes, c_max, out_pages):
     num_rows, num_heads, head_size = query.shape
     num_kv_heads = summaries.shape[1]
     group = num_heads // num_kv_heads
-    half_features = projection.shape[1]
+    features = 2 * projection.shape[1]
     for item in numba.prange(num_rows * num_kv_heads):
         n = item // num_kv_heads
         h = item - n * num_kv_heads
@@ -67,52 +96,43 @@ def _select_kernel(query, projection, sqrt_scale, scale, summaries, page_max, me
             out_pages[n, h, j] = -1
         if keep <= 0:
             continue
-        shares = np.zeros(pages, np.float32)
-        logits = np.empty(pages, np.float32)
-        q_scaled = np.empty(head_size, np.float32)
-        feats = np.empty(2 * half_features, np.float32)
-        for g in range(group):
-            qh = h * group + g
-            # the query's random features, normalised by their max (log domain first)
-            half_norm = np.float32(0.0)
-            for d in range(head_size):
-                q_scaled[d] = query[n, qh, d] * sqrt_scale
-                half_norm += q_scaled[d] * q_scaled[d]
-            half_norm *= np.float32(0.5)
-            top_feat = -np.inf
-            for f in range(half_features):
-                proj = np.float32(0.0)
-                for d in range(head_size):
-                    proj += q_scaled[d] * projection[d, f]
-                feats[f] = proj - half_norm
-                feats[half_features + f] = -proj - half_norm
-                top_feat = max(top_feat, abs(proj))
-            top_feat -= half_norm
-            for f in range(2 * half_features):
-                feats[f] = math.exp(max(feats[f] - top_feat, _MIN_LOG_FEATURE))
-            # page logits and their softmax over the row's candidate pages
-            top = -np.inf
-            for p in range(pages):
-                block = block_table[n, p]
+        feats = np.empty((group, features), np.float32)
+        bits = np.empty(max(pages, features), np.int32)
+        _query_features(query, n, h * group, projection, sqrt_scale, feats, bits)
+        # page logits of the whole group, one pass over the pages (each page's summary is
+        # read from memory once for the group)
+        logits = np.empty((group, pages), np.float32)
+        for p in range(pages):
+            block = block_table[n, p]
+            summary = summaries[block, h]
+            for g in range(group):
+                fg = feats[g]
                 dot = np.float32(0.0)
-                for f in range(2 * half_features):
-                    dot += feats[f] * summaries[block, h, f]
+                for f in range(features):
+                    dot += fg[f] * summary[f]
                 logit = np.float32(math.log(dot)) + page_max[block, h] if dot > 0 else -np.inf
                 if has_means:
+                    mean = means[block, h]
                     centre = np.float32(0.0)
                     for d in range(head_size):
-                        centre += query[n, qh, d] * means[block, h, d]
+                        centre += query[n, h * group + g, d] * mean[d]
                     logit += centre * scale
-                logits[p] = logit
-                top = max(top, logit)
+                logits[g, p] = logit
+        # each head's softmax over the row's candidate pages, summed over the group
+        shares = np.zeros(pages, np.float32)
+        for g in range(group):
+            lg = logits[g]
+            top = -np.inf
+            for p in range(pages):
+                top = max(top, lg[p])
             if top == -np.inf:      # nothing summarised: this head adds nothing
                 continue
+            exp_shifted(lg, pages, top, bits)
             total = np.float32(0.0)
             for p in range(pages):
-                logits[p] = math.exp(logits[p] - top)
-                total += logits[p]
+                total += lg[p]
             for p in range(pages):
-                shares[p] += logits[p] / total
+                shares[p] += lg[p] / total
         # segment scores, the `keep` best (ties to the lower index), their pages in rank order
         seg_scores = np.zeros(segments, np.float32)
         for p in range(pages):

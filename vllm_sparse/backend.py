@@ -233,7 +233,11 @@ class SparseAttentionImpl(AttentionImpl):
             return
         if md.prefill_rows:
             self._prefill(query, kv_cache, md, out)
-        if md.decode_rows.numel():
+        if not md.decode_rows.numel():
+            return
+        if not md.prefill_rows:     # decode only: token i is row i's query (no gathers)
+            out.copy_(self._attend_as_decode(query, md.seq_lens, md.block_table, kv_cache))
+        else:
             q = query[md.decode_token_index]
             seq_lens = md.seq_lens[md.decode_rows]
             out[md.decode_token_index] = self._attend_as_decode(
