@@ -22,7 +22,8 @@ the context that moves about as many bytes as vLLM's fused ``CPU_ATTN`` reading
 everything. Here each (sequence, KV head) walks its attended token ranges once, page by
 page (token mode: in chunks of block_size tokens), with an online softmax (fp32) per query
 head of its group, four tokens per pass over the head dimension, exponentials in vector
-loops (``cpu_exp``), in parallel over (sequence, KV head) on Numba's threads. fp32 only: Numba has no bfloat16.
+loops (``cpu_exp``), in parallel over (sequence, KV head) on Numba's threads. fp32 only:
+Numba has no bfloat16.
 
 Reference: ``sparse_decode.sparse_paged_decode_ref`` (pure torch, float64 softmax).
 """
