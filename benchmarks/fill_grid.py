@@ -18,8 +18,9 @@ Costs are estimates fitted to this session's runs on the 2-core CPU (a prompt of
 about 15 s × (C / 4096)^1.5 for dense, NAtS's and SparseK's prefill about 2.5× and 4× that; a
 perplexity window in evaluation mode (Radar, StreamingLLM, Recycled) about 1 + 1.5 C / 4096 times
 a dense one, Recycled's 1.6× more), used to order the jobs and to stop before one would overrun
---hours; the jobs' real durations are printed. A dense task job is estimated at every sample of
-every task, an upper bound: quality.py stops a task once dense cannot reach the filter.
+--hours; the jobs' real durations are printed. A dense task job runs only the tasks whose dense
+cell is missing or short of samples, and is estimated at every sample of each, an upper bound:
+quality.py stops a task once dense cannot reach the filter.
 """
 
 import argparse
@@ -109,9 +110,10 @@ def quality_jobs(run: dict | None) -> list[Job]:
     dense_tasks = grid.task_cells(run, "dense")
     for c in grid.TASK_CONTEXTS:
         if dense_tasks[(c, None)] != "measured":
-            jobs.append(Job("quality", _quality(["dense"], tasks=grid.TASKS, task_contexts=[c]),
-                            f"tasks {c:,}: dense, all {len(grid.TASKS)} tasks",
-                            ENGINE_START_S + len(grid.TASKS) * grid.MIN_SAMPLES * prompt_s(c)))
+            todo = dense_tasks_to_run(rows, c)
+            jobs.append(Job("quality", _quality(["dense"], tasks=todo, task_contexts=[c]),
+                            f"tasks {c:,}: dense, {_task_names(todo)}",
+                            ENGINE_START_S + len(todo) * grid.MIN_SAMPLES * prompt_s(c)))
             continue
         kept = grid.kept_tasks(run, c)
         if not kept:
@@ -126,6 +128,19 @@ def quality_jobs(run: dict | None) -> list[Job]:
                     len(fractions) * (ENGINE_START_S + len(kept) * grid.MIN_SAMPLES
                                       * prompt_s(c, m))))
     return jobs
+
+
+def dense_tasks_to_run(rows: list[dict], context: int) -> list[str]:
+    """The tasks whose dense cell at `context` is missing or has fewer than MIN_SAMPLES samples
+    (a cell dense stopped early counts as planned); the stored full cells are not rerun."""
+    full = {r["task"] for r in rows if r["kind"] == "task" and r["method"] == "dense"
+            and r["context"] == context
+            and (grid.cell_samples(r) or 0) >= grid.MIN_SAMPLES}
+    return [t for t in grid.TASKS if t not in full]
+
+
+def _task_names(tasks) -> str:
+    return f"all {len(tasks)} tasks" if len(tasks) == len(grid.TASKS) else ", ".join(tasks)
 
 
 def speed_jobs(run: dict | None) -> list[Job]:

@@ -74,6 +74,21 @@ def test_task_jobs_wait_for_dense_and_run_only_kept_tasks():
     assert [k for k in jobs if k.startswith("tasks 7,680")] == ["tasks 7,680: dense, all 5 tasks"]
 
 
+def test_dense_task_job_runs_only_the_tasks_dense_lacks():
+    dense = [task("niah_single", 7680, "dense", 0.97)]                       # full, kept
+    dense += [task("niah_multikey", 7680, "dense", 0.1, samples=16)]        # too few samples
+    stopped = task("niah_multivalue", 7680, "dense", 0.1, samples=9)
+    dense += [{**stopped, "planned_samples": 32}]                           # stopped early: full
+    radar = [task("niah_single", 7680, "radar", 0.97, 0.25)]
+    run = {"device": "cpu", "settings": {"min_dense": 0.8}, "rows": dense + radar}
+    jobs = [j for j in fill_grid.quality_jobs(run) if j.cells.startswith("tasks 7,680")]
+    assert [j.cells for j in jobs] == [
+        "tasks 7,680: dense, niah_multikey, variable_tracking, common_words"]
+    assert argv_value(jobs[0], "--tasks") == "niah_multikey,variable_tracking,common_words"
+    assert jobs[0].estimate_s == pytest.approx(
+        fill_grid.ENGINE_START_S + 3 * 32 * fill_grid.prompt_s(7680))
+
+
 def test_speed_jobs_cover_each_missing_cell_once():
     def row(c, b, m):
         return {"context": c, "batch": b, "method": m, "decode_tok_s": 1.0}
