@@ -66,7 +66,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report_tables import LOAD_NO_RATIO, LOAD_ROWS  # noqa: E402
-from results_io import command_line, save_run  # noqa: E402
+from results_io import command_line, git_revision, save_run  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VLLM = str(Path(sys.executable).parent / "vllm")
@@ -439,17 +439,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def git_revision() -> str | None:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                             capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "") if rev else None
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------- main

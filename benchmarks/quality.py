@@ -108,7 +108,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))          # benchmarks/t
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # vllm_sparse
 
 import report_grid as grid  # noqa: E402  (the issue's grid: the full mode's defaults)
-from results_io import command_line, save_run  # noqa: E402
+from results_io import command_line, git_revision, save_run  # noqa: E402
 from tasks import TASKS, TaskGenerator, score  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -364,7 +364,7 @@ def machine_info(dtype) -> dict:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "machine": f"{platform.platform()}; {platform.machine()} {cpu}, {os.cpu_count()} cores",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "vllm": vllm.__version__},
+                     "vllm": vllm.__version__, "vllm_sparse": git_revision()},
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "model": "SmolLM2-135M-Instruct", "dtype": dtype, "block_size": 32,
     }

@@ -66,8 +66,10 @@ def run_header(run: dict) -> str:
     for m in run.get("merged", []):
         methods = ", ".join(m.get("methods", [])) or "?"
         rows = m.get("rows", "?")
+        code = (m.get("versions") or {}).get("vllm_sparse")
         lines.append(f"- Merged into this run ({methods}; {rows} row{'' if rows == 1 else 's'}; "
-                     f"date: {m.get('date', '?')}): `{m.get('command', '?')}`")
+                     f"date: {m.get('date', '?')}" + (f"; code: {code}" if code else "")
+                     + f"): `{m.get('command', '?')}`")
     return "\n".join(lines)
 
 

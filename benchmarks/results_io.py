@@ -10,6 +10,7 @@ Files written before this module are read too: `{"runs": [...]}` (speed.py) and 
 
 import json
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,3 +50,16 @@ def command_line() -> str:
     except ValueError:
         pass
     return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def git_revision() -> str | None:
+    """The repository's short commit, "+dirty" when tracked files differ from it; None outside
+    a git checkout. Recorded in each run's versions, so a number names the code it measured."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "") if rev else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import report_grid as grid  # noqa: E402  (the issue's grid: the defaults)
-from results_io import command_line, read_runs, save_run  # noqa: E402
+from results_io import command_line, git_revision, read_runs, save_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,7 +62,8 @@ def merge_cells(old: dict | None, new: dict) -> dict:
     rows = [r for r in old["rows"] if (r["context"], r["batch"]) not in cells] + new["rows"]
     rows.sort(key=lambda r: (r["method"] != "dense", r["method"], r["context"], r["batch"]))
     entry = {"date": new["date"], "command": new["command"], "cells": sorted(cells),
-             "methods": sorted({r["method"] for r in new["rows"]}), "rows": len(new["rows"])}
+             "methods": sorted({r["method"] for r in new["rows"]}), "rows": len(new["rows"]),
+             "versions": new.get("versions")}
     return {**old, "rows": rows, "merged": [*old.get("merged", []), entry]}
 
 
@@ -181,7 +182,7 @@ def main() -> None:
               "machine": f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores",
               "cores": os.cpu_count(), "vllm": vllm.__version__, "torch": torch.__version__,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "vllm": vllm.__version__},
+                           "vllm": vllm.__version__, "vllm_sparse": git_revision()},
               "mode": "small" if args.small else "full", "command": command_line(),
               "settings": vars(args),
               "model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": args.tokens,

@@ -36,6 +36,20 @@ def test_measured_cells_replace_whole_cells():
     assert merged["date"] == "d1" and merge_cells(None, new) is new
 
 
+def test_a_merge_records_the_code_it_measured():
+    from report_tables import run_header
+    from results_io import git_revision
+
+    new = {**_run([_row("dense", 2048, 1, 11)], date="d2"),
+           "versions": {"vllm": "0.32.0", "vllm_sparse": "abc1234+dirty"}}
+    merged = merge_cells(_run([_row("dense", 4096, 1, 8)]), new)
+    assert merged["merged"][-1]["versions"]["vllm_sparse"] == "abc1234+dirty"
+    assert "date: d2; code: abc1234+dirty): `speed d2`" in run_header(merged)
+    rev = git_revision()                    # this checkout's commit (tests run inside one)
+    assert rev is None or (len(rev.split("+")[0]) >= 7
+                           and all(c in "0123456789abcdef" for c in rev.split("+")[0]))
+
+
 def test_mismatched_runs_are_refused():
     with pytest.raises(ValueError, match="new_tokens 32 \\(stored\\) vs 8"):
         merge_cells(_run([]), _run([], tokens=8))
