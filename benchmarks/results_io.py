@@ -52,13 +52,19 @@ def command_line() -> str:
     return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
+# Written by the benchmarks themselves: a change here does not make the measured code dirty.
+RESULT_PATHS = ("BENCHMARKS.md", "benchmarks/results", "benchmarks/plots", "benchmarks/notes")
+
+
 def git_revision() -> str | None:
-    """The repository's short commit, "+dirty" when tracked files differ from it; None outside
-    a git checkout. Recorded in each run's versions, so a number names the code it measured."""
+    """The repository's short commit, "+dirty" when tracked files other than results and notes
+    differ from it; None outside a git checkout. Recorded in each run's versions, so a number
+    names the code it measured."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                              capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", *(f":(exclude){p}" for p in RESULT_PATHS)],
                                cwd=ROOT, text=True, capture_output=True, timeout=10).stdout.strip()
         return rev + ("+dirty" if dirty else "") if rev else None
     except (OSError, subprocess.TimeoutExpired):

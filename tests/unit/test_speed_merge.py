@@ -38,16 +38,35 @@ def test_measured_cells_replace_whole_cells():
 
 def test_a_merge_records_the_code_it_measured():
     from report_tables import run_header
-    from results_io import git_revision
 
     new = {**_run([_row("dense", 2048, 1, 11)], date="d2"),
            "versions": {"vllm": "0.32.0", "vllm_sparse": "abc1234+dirty"}}
     merged = merge_cells(_run([_row("dense", 4096, 1, 8)]), new)
     assert merged["merged"][-1]["versions"]["vllm_sparse"] == "abc1234+dirty"
     assert "date: d2; code: abc1234+dirty): `speed d2`" in run_header(merged)
-    rev = git_revision()                    # this checkout's commit (tests run inside one)
-    assert rev is None or (len(rev.split("+")[0]) >= 7
-                           and all(c in "0123456789abcdef" for c in rev.split("+")[0]))
+
+
+def test_git_revision_is_dirty_for_code_changes_only(tmp_path, monkeypatch):
+    import subprocess
+
+    import results_io
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+                        *args], check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "speed.json").write_text("[]\n")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(results_io, "ROOT", tmp_path)
+    rev = results_io.git_revision()
+    assert len(rev) >= 7 and all(c in "0123456789abcdef" for c in rev)
+    (tmp_path / "benchmarks" / "results" / "speed.json").write_text("[{}]\n")
+    assert results_io.git_revision() == rev           # a results file written by a run
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert results_io.git_revision() == rev + "+dirty"
 
 
 def test_mismatched_runs_are_refused():
