@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """benchmarks/report.py renders small synthetic results: numbers and ratios in the tables,
 targets classified hit / missed / not measured, PNGs written, notes included verbatim, and no
-device's runs lost when another device's run is saved."""
+device's runs lost when another device's run is saved, and the code revision a run records."""
 
 import json
 import sys
@@ -214,6 +214,29 @@ def test_a_run_of_another_scenario_is_kept_and_titled(tmp_path):
     md = report_render.document(report_render.load_results(tmp_path, small=False),
                                 tmp_path / "plots", "plots", None, small=False)
     assert "### cpu\n" in md and "### cpu: KV pool of 192 blocks\n" in md
+
+
+def test_git_revision_is_dirty_for_code_changes_only(tmp_path, monkeypatch):
+    import subprocess
+
+    import results_io
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+                        *args], check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "speed.json").write_text("[]\n")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(results_io, "ROOT", tmp_path)
+    rev = results_io.git_revision()
+    assert len(rev) >= 7 and all(c in "0123456789abcdef" for c in rev)
+    (tmp_path / "benchmarks" / "results" / "speed.json").write_text("[{}]\n")
+    assert results_io.git_revision() == rev           # a results file written by a run
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert results_io.git_revision() == rev + "+dirty"
 
 
 def test_small_mode_never_writes_the_committed_report():

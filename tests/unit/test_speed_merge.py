@@ -46,29 +46,6 @@ def test_a_merge_records_the_code_it_measured():
     assert "date: d2; code: abc1234+dirty): `speed d2`" in run_header(merged)
 
 
-def test_git_revision_is_dirty_for_code_changes_only(tmp_path, monkeypatch):
-    import subprocess
-
-    import results_io
-
-    def git(*args):
-        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
-                        *args], check=True, capture_output=True)
-    git("init", "-q")
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    (tmp_path / "code.py").write_text("x = 1\n")
-    (tmp_path / "benchmarks" / "results" / "speed.json").write_text("[]\n")
-    git("add", "-A")
-    git("commit", "-qm", "c")
-    monkeypatch.setattr(results_io, "ROOT", tmp_path)
-    rev = results_io.git_revision()
-    assert len(rev) >= 7 and all(c in "0123456789abcdef" for c in rev)
-    (tmp_path / "benchmarks" / "results" / "speed.json").write_text("[{}]\n")
-    assert results_io.git_revision() == rev           # a results file written by a run
-    (tmp_path / "code.py").write_text("x = 2\n")
-    assert results_io.git_revision() == rev + "+dirty"
-
-
 def test_mismatched_runs_are_refused():
     with pytest.raises(ValueError, match="new_tokens 32 \\(stored\\) vs 8"):
         merge_cells(_run([]), _run([], tokens=8))
