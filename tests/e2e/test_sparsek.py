@@ -4,7 +4,8 @@
 
 * k larger than every context: equal to vLLM's own dense backend (CPU_ATTN), token for
   token, with chunked prefill and a batch of three requests;
-* a random scorer (k = 48, window 32): generated tokens, their log-probs and the attended
+* a random scorer (k = 48, window 32; prefill's rule through the Numba sweep): generated
+  tokens, their log-probs and the attended
   (KV head, token) count of every decode step equal an independent Hugging Face reference
   that applies the rule to the whole context at every step (tests/hf_sparsek.py), while
   the backend keeps only k slots per KV head, compacted, and frees every other page: each
@@ -121,10 +122,14 @@ def random_run(tiny_model, random_engine):
     return prompt, counted_run(random_engine, [prompt], 64)
 
 
-def test_random_scorer_equals_hf_reference(tiny_model, random_run):
+def test_random_scorer_equals_hf_reference(tiny_model, random_engine, random_run):
+    """Prefill's rule ran as the Numba sweep (kernels=auto, float32 on a CPU), decode as the
+    policy's compacted slots; both against the HF reference."""
     from tests import hf_sparsek
 
     prompt, got = random_run
+    assert random_engine.apply_model(
+        lambda m: m.model.layers[0].self_attn.attn.impl._sparsek_kernels) == ["numba"]
     rows, oracle = hf_sparsek.score(tiny_model, random_scorer(), K, prompt, got["tokens"][0])
     for token, logprob, (ref_logprob, ref_argmax, margin) in zip(
             got["tokens"][0], got["logprobs"][0], rows):

@@ -77,11 +77,13 @@ def test_large_k_is_dense_causal(top_k, window):
     assert torch.allclose(out, dense_causal(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", ["auto", "numba"])
 @pytest.mark.parametrize("top_k, window, scale", [(3, 2, 1.0), (1, 0, 0.3), (2, 5, 0.1), (4, 1, 3.0)])
-def test_small_k_matches_naive_loop(top_k, window, scale):
+def test_small_k_matches_naive_loop(top_k, window, scale, kernels):
+    """Also through the CPU rule kernel, which attends each block over only its keys."""
     q, k, v, s = make_inputs(1, scale=scale)
     s.k, s.window = top_k, window
-    out, step = run(q, k, v, s)
+    out, step = run(q, k, v, s, kernels=kernels)
     w, b, slope = s.layer(1)
     for i in range(B):
         ref = naive_attention(q[i], k[i], v[i], w, b, slope, top_k, window)
@@ -100,6 +102,26 @@ def test_kv_cache_queries_and_no_grad():
         last, _ = run(q[:, :, -1:], k, v, s)
     assert torch.allclose(tail, full[:, -4:].detach(), atol=1e-6)
     assert torch.allclose(last, full[:, -1:].detach(), atol=1e-6)
+
+
+def test_numba_rule_same_output_and_stats():
+    """kernels="numba" (compact blocks) against the torch rule: outputs, the logging
+    counters, and the last queries against the whole K/V (a decode step)."""
+    q, k, v, s = make_inputs(3, scale=2.0)
+    with torch.no_grad():
+        for queries in (slice(None), slice(-4, None)):
+            want, want_step = run(q[:, :, queries], k, v, s, kernels="torch")
+            got, got_step = run(q[:, :, queries], k, v, s, kernels="numba")
+            assert torch.allclose(got, want, atol=1e-6)
+            for name in ("p_sum", "free", "top"):
+                assert getattr(got_step, name) == pytest.approx(getattr(want_step, name), rel=1e-6)
+    assert want_step.top[1] > 0 and 0 < want_step.free[1]
+
+
+def test_numba_rule_refuses_gradients():
+    q, k, v, s = make_inputs(4)
+    with pytest.raises(ValueError, match="kernels='numba' has no backward"):
+        run(q, k, v, SparseKParams(s), kernels="numba")
 
 
 @pytest.mark.parametrize("detach", [False, True])

@@ -12,8 +12,10 @@ only the slots and the window, never a freed page.
 
 The scorer file is loaded and checked against the model at start-up (layers, KV heads,
 head size); the window W is `sparsek.window` if set, else the file's; k = budget - W.
-Mechanism: pure torch (gathers and einsum) on every device; K/V writes use the Triton kernel
-on CUDA.
+Mechanism: pure torch (gathers and einsum) on every device; prefill's rule (top-k and
+SPARSEK per query) runs as one Numba sweep per KV head with the Numba mechanism (a CPU with a
+float32 cache, `kernels/cpu_sparsek_rule.py`) and through SPARSEK's Triton kernel on CUDA; K/V
+writes use the Triton kernel on CUDA.
 """
 
 import functools
@@ -80,7 +82,9 @@ class SparseKImpl(EvictingImpl):
     def _bind_policy(self, index: int, device: torch.device) -> None:
         weight, bias, slope = (t[self.heads].to(device) for t in self.weights.layer(index))
         self.sparsek = SparseKPolicy(weight, bias, slope, self.k, self.window)
-        self._sparsek_kernels = "torch" if self.mechanism.name == "torch" else "auto"
+        # prefill's rule: the Numba sweep on a CPU, SPARSEK's Triton kernel on CUDA
+        self._sparsek_kernels = {"torch": "torch", "numba": "numba"}.get(self.mechanism.name,
+                                                                          "auto")
 
     def _attend(self, md: SparseMetadata, query, kv_cache, out) -> torch.Tensor:
         if md.request_keys is None:
@@ -107,7 +111,8 @@ class SparseKImpl(EvictingImpl):
         u = self.sparsek.scores(key[0], value[0], 0)
         result, _ = hf_attention.attend(query[start:end].transpose(0, 1), key[0], value[0], u,
                                         self.k, self.sparsek.window, self.scale,
-                                        PREFILL_QUERY_BLOCK, kernels=self._sparsek_kernels)
+                                        PREFILL_QUERY_BLOCK, kernels=self._sparsek_kernels,
+                                        with_stats=False)
         out[start:end] = result.transpose(0, 1)
 
     def _decode(self, query, kv_cache, md: SparseMetadata, out) -> None:

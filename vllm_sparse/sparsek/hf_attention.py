@@ -50,7 +50,8 @@ class SparseKStep:
 
     params: `SparseKParams` or `SparseKScorer`. query_block: queries per block (memory:
     a few [Hq, query_block, N] tensors at a time; blocks are checkpointed under autograd).
-    kernels: SPARSEK implementation ("auto": Triton on CUDA, torch elsewhere).
+    kernels: SPARSEK implementation ("auto": Triton on CUDA, torch elsewhere; "numba": the
+    CPU rule kernel, no gradient; see `scorer.attention_rule`).
     detach_features: score detached k / v (the scorer then learns only through p, not
     through earlier layers' keys and values).
     p_sum / free / top[layer]: sums over the batch of p on the top-k entries, of top-k
@@ -68,18 +69,31 @@ class SparseKStep:
     top: dict = field(default_factory=dict)
 
 
-def _rule_block(u, start: int, n_q: int, top_k: int, window: int, kernels: str):
+def _rule_block(u, start: int, n_q: int, top_k: int, window: int, kernels: str,
+                with_stats: bool = True):
     """Scores u [Hkv, K] of the first K tokens, queries at positions start..start+n_q-1 ->
-    (attended [Hkv, Q, K] bool, value weights [Hkv, Q, K] (differentiable in u), stats [3]:
-    p sum, free count, top count over rows with > k candidates)."""
+    (columns [Hkv, L] int64 or None, attended [Hkv, Q, L] bool, value weights [Hkv, Q, L]
+    (differentiable in u, except with kernels="numba"), stats [3] or None: p sum, free count,
+    top count over rows with > k candidates). columns: the key positions the masks cover
+    (kernels="numba": only those the block attends, about k + W + Q); None: all K."""
     pos = torch.arange(start, start + n_q, device=u.device)
-    attended, weights = attention_rule(u, top_k, window, pos, kernels)
+    if kernels == "numba":
+        from vllm_sparse.kernels.cpu_sparsek_rule import cpu_sparsek_rule
+
+        columns, attended, weights = cpu_sparsek_rule(u, top_k, window, pos, compact=True)
+        key_pos = columns[:, None, :]
+    else:
+        columns = None
+        attended, weights = attention_rule(u, top_k, window, pos, kernels)
+        key_pos = torch.arange(u.shape[1], device=u.device)
+    if not with_stats:
+        return columns, attended, weights, None
     with torch.no_grad():
         many = (pos >= window + top_k)[None, :, None]                                # > k candidates
-        top = many & attended & (torch.arange(u.shape[1], device=u.device) <= pos[:, None] - window)
+        top = many & attended & (key_pos <= pos[:, None] - window)
         p = torch.where(top, weights, 0)
         stats = torch.stack([p.sum(), (top & (p > 0) & (p < 1)).sum(), top.sum()]).double()
-    return attended, weights, stats
+    return columns, attended, weights, stats
 
 
 def _attend_block(q, k, v, attended, weights, scaling: float):
@@ -91,12 +105,19 @@ def _attend_block(q, k, v, attended, weights, scaling: float):
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, u: torch.Tensor,
            top_k: int, window: int, scaling: float, query_block: int = 256,
-           kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+           kernels: str = "auto", with_stats: bool = True
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One sequence: query [Hq, Nq, D] (the last Nq positions), key / value [Hkv, N, D],
-    u [Hkv, N] -> (out [Hq, Nq, D] in query's dtype, stats [3] (see `SparseKStep`)).
-    Computed in float32 at least. Under autograd the attention of each query block is
-    checkpointed (its [Hq, block, N] probabilities are recomputed in backward); the rule
-    (top-k and SPARSEK, [Hkv, block, N]) is kept, so SPARSEK runs once per forward."""
+    u [Hkv, N] -> (out [Hq, Nq, D] in query's dtype, stats [3] (see `SparseKStep`), or None
+    without `with_stats`). Computed in float32 at least. Under autograd the attention of each
+    query block is checkpointed (its [Hq, block, N] probabilities are recomputed in backward);
+    the rule (top-k and SPARSEK, [Hkv, block, N]) is kept, so SPARSEK runs once per forward.
+    kernels="numba" (CPU inference, no gradient) attends each block over only the keys it
+    uses, gathered (`cpu_sparsek_rule`'s compact form): the same result, O(budget) work
+    per query instead of O(N)."""
+    if kernels == "numba" and torch.is_grad_enabled() and u.requires_grad:
+        raise ValueError("SparseK: kernels='numba' has no backward; use 'auto' or 'torch' "
+                         "to train the scorer")
     heads_q, n_q, dim = query.shape
     heads, n = key.shape[:2]
     dtype = torch.promote_types(query.dtype, torch.float32)
@@ -106,15 +127,21 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, u: torch
     for first in range(0, n_q, query_block):
         last = min(n_q, first + query_block)
         end = n - n_q + last                                                         # causal end
-        attended, weights, block_stats = _rule_block(u[:, :end], n - n_q + first, last - first,
-                                                     top_k, window, kernels)
-        args = (qg[:, :, first:last], k[:, :end], v[:, :end], attended, weights, scaling)
+        columns, attended, weights, block_stats = _rule_block(
+            u[:, :end], n - n_q + first, last - first, top_k, window, kernels, with_stats)
+        keys, values = k[:, :end], v[:, :end]
+        if columns is not None:
+            index = columns[..., None].expand(-1, -1, dim)
+            keys, values = keys.gather(1, index), values.gather(1, index)
+        args = (qg[:, :, first:last], keys, values, attended, weights, scaling)
         if torch.is_grad_enabled():
             outs.append(checkpoint(_attend_block, *args, use_reentrant=False))
         else:
             outs.append(_attend_block(*args))
-        stats += block_stats
-    return torch.cat(outs, dim=2).reshape(heads_q, n_q, dim).to(query.dtype), stats
+        if with_stats:
+            stats += block_stats
+    out = torch.cat(outs, dim=2).reshape(heads_q, n_q, dim).to(query.dtype)
+    return out, (stats if with_stats else None)
 
 
 def sparsek_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -153,7 +153,16 @@ def attention_rule(u: torch.Tensor, k: int, window: int, query_pos: torch.Tensor
                    kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """u [Hkv, n] scores of the tokens at positions 0..n-1, query_pos [Q] (< n) ->
     (attended [Hkv, Q, n] bool, value weights [Hkv, Q, n] in u's dtype: 1 on the window, p
-    on the top-k candidates, 0 elsewhere; differentiable in u through p)."""
+    on the top-k candidates, 0 elsewhere; differentiable in u through p).
+    kernels: SPARSEK's implementation ("auto", "triton", "torch": `sparsek`'s), or "numba":
+    the whole rule in one sweep on the CPU (`kernels/cpu_sparsek_rule.py`; inference only,
+    no gradient; the same result)."""
+    if kernels == "numba":
+        if torch.is_grad_enabled() and u.requires_grad:
+            raise ValueError("SparseK: kernels='numba' has no backward; use 'auto' or 'torch' "
+                             "to train the scorer")
+        from vllm_sparse.kernels.cpu_sparsek_rule import cpu_sparsek_rule
+        return cpu_sparsek_rule(u, k, window, query_pos)
     from vllm_sparse.kernels.sparsek_topk import sparsek  # Triton: imported on first use
 
     win, top, counts = _masks(u, k, window, query_pos)
