@@ -22,6 +22,7 @@ its time depends on the scorer; speed.py's TTFT is the end-to-end number on the 
 """
 
 import argparse
+import functools
 import time
 
 import torch
@@ -39,11 +40,20 @@ def timed(fn):
     return (time.perf_counter() - start) * 1e3
 
 
-def rule_only(u, k, window, kernels):
+def rule_only(case, kernels):
+    """The rule of every query block, as `hf_attention.attend` asks for it."""
+    u, k, window = case[3:]
     n = u.shape[1]
     for first in range(0, n, BLOCK):
         attention_rule(u[:, :min(n, first + BLOCK)], k, window,
                        torch.arange(first, min(n, first + BLOCK)), kernels)
+
+
+def layer(case, kernels):
+    """The backend's prefill call for one layer (no logging counters)."""
+    query, key, value, u, k, window = case
+    return hf_attention.attend(query, key, value, u, k, window, D ** -0.5, BLOCK,
+                               kernels=kernels, with_stats=False)[0]
 
 
 def main():
@@ -69,16 +79,13 @@ def main():
         key, value = torch.randn(2, HKV, n, D, generator=gen)
         u = torch.randn(HKV, n, generator=gen) * args.spread + torch.linspace(0, 1, n)
 
-        def layer(kernels):
-            return hf_attention.attend(query, key, value, u, k, window, D ** -0.5, BLOCK,
-                                       kernels=kernels, with_stats=False)[0]
-
+        case = (query, key, value, u, k, window)
         with torch.inference_mode():
-            torch.testing.assert_close(layer("numba"), layer("torch"), atol=1e-5, rtol=1e-5)
-            times = {"rule torch": timed(lambda: rule_only(u, k, window, "torch")),
-                     "rule numba": timed(lambda: rule_only(u, k, window, "numba")),
-                     "layer torch": timed(lambda: layer("torch")),
-                     "layer numba": timed(lambda: layer("numba"))}
+            torch.testing.assert_close(layer(case, "numba"), layer(case, "torch"), atol=1e-5,
+                                       rtol=1e-5)
+            times = {f"{part} {kernels}": timed(functools.partial(fn, case, kernels))
+                     for part, fn in (("rule", rule_only), ("layer", layer))
+                     for kernels in ("torch", "numba")}
         print(f"{n:>7} {k:>5} {window:>5} {times['rule torch']:>10.0f} "
               f"{times['rule numba']:>10.0f} {times['layer torch']:>11.0f} "
               f"{times['layer numba']:>11.0f} {times['layer torch'] / times['layer numba']:>7.1f}x")

@@ -29,57 +29,8 @@ import numba
 import numpy as np
 import torch
 
+from .cpu_sparsek_tau import insert_score, solve_tau
 from .numba_setup import match_torch_threads
-
-
-@numba.njit(cache=True, nogil=True)
-def _count_at_least(buf, m, value):
-    """Number of leading entries of the descending buf[:m] that are >= value."""
-    lo, hi = 0, m
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if buf[mid] >= value:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@numba.njit(cache=True, nogil=True)
-def _solve_tau(buf, m, k):
-    """Exact tau of SPARSEK(z, k) for the scores z whose top m (> k) are buf[:m], descending,
-    every other score being <= buf[k] - 1 (so it adds nothing to f near the root)."""
-    top, nxt = buf[k - 1], buf[k]
-    if top - nxt > 1.0:                                  # flat case: f = k on [nxt, top - 1]
-        return (nxt + top - 1.0) * 0.5
-    # f(top) <= k - 1 (only the k - 1 larger scores count, at most 1 each): walk down the
-    # breakpoints (z enters the free set at t = z, leaves it, saturated, at t = z - 1) from
-    # t = top. Just below t: saturated [0, sat), free [sat, entered).
-    t = top
-    sat = _count_at_least(buf, m, t + 1.0)
-    entered = _count_at_least(buf, m, t)
-    free_sum = 0.0
-    for i in range(sat, entered):
-        free_sum += buf[i]
-    while True:
-        t_enter = buf[entered] if entered < m else -np.inf
-        t_leave = buf[sat] - 1.0 if sat < entered else -np.inf
-        t_next = max(t_enter, t_leave)
-        free = entered - sat
-        if t_next == -np.inf or sat + free_sum - free * t_next >= k:
-            if free == 0:                                # f = sat = k from t down: t is the root
-                return t
-            exact = 0.0                                  # the root's piece: its closed form
-            for i in range(sat, entered):
-                exact += buf[i]
-            return (exact - (k - sat)) / free
-        if t_enter >= t_leave:
-            free_sum += buf[entered]
-            entered += 1
-        else:
-            free_sum -= buf[sat]
-            sat += 1
-        t = t_next
 
 
 @numba.njit(cache=True, nogil=True)
@@ -130,23 +81,14 @@ def _sweep_head(u, by_rank, ranks, counts, order, k, rank_limit, tau, buf, heap)
                     heap[i] = heap[child]
                     i = child
                 heap[i] = rc
-            if not (m > k and x <= buf[k] - 1.0):
-                at = _count_at_least(buf, m, x)
-                for i in range(m, at, -1):
-                    buf[i] = buf[i - 1]
-                buf[at] = x
-                m += 1
-                if m > k + 1:                            # drop what fell to <= z_(k+1) - 1
-                    cut = buf[k] - 1.0
-                    while m > k + 1 and buf[m - 1] <= cut:
-                        m -= 1
+            m = insert_score(buf, m, x, k)
             c += 1
         if c <= k:
             rank_limit[q] = n
             tau[q] = -np.inf
         else:
             rank_limit[q] = heap[0]
-            tau[q] = _solve_tau(buf, m, k)
+            tau[q] = solve_tau(buf, m, k)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -162,7 +104,7 @@ def _rule_kernel(u, by_rank, ranks, counts, order, k, rank_limit, tau):
 def _mark_kernel(by_rank, counts, pos, k, marks):
     """marks [H, n]: the positions some query of the block attends at each KV head (its
     window, and its top-k: the first k candidates in rank order, or all when c <= k)."""
-    heads, n = marks.shape
+    heads = marks.shape[0]
     for h in numba.prange(heads):
         for q in range(counts.shape[0]):
             c = counts[q]
