@@ -17,6 +17,8 @@ Used by `cpu_sparsek_rule` (prefill) and `cpu_sparsek_admit` (decode); tested th
 import numba
 import numpy as np
 
+from . import numba_setup  # noqa: F401 (Numba's threading layer, and vLLM's start-up scan)
+
 
 @numba.njit(cache=True, nogil=True)
 def count_at_least(buf, m, value):

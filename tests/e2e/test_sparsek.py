@@ -4,9 +4,9 @@
 
 * k larger than every context: equal to vLLM's own dense backend (CPU_ATTN), token for
   token, with chunked prefill and a batch of three requests;
-* a random scorer (k = 48, window 32; prefill's rule through the Numba sweep): generated
-  tokens, their log-probs and the attended
-  (KV head, token) count of every decode step equal an independent Hugging Face reference
+* a random scorer (k = 48, window 32; the Numba prefill rule and decode step): generated
+  tokens, their log-probs and the attended (KV head, token) count of every decode step
+  equal an independent Hugging Face reference
   that applies the rule to the whole context at every step (tests/hf_sparsek.py), while
   the backend keeps only k slots per KV head, compacted, and frees every other page: each
   freed page is filled with NaN at once, so any read of one would wreck the output;
@@ -124,12 +124,14 @@ def random_run(tiny_model, random_engine):
 
 def test_random_scorer_equals_hf_reference(tiny_model, random_engine, random_run):
     """Prefill's rule ran as the Numba sweep (kernels=auto, float32 on a CPU), decode as the
-    policy's compacted slots; both against the HF reference."""
+    policy's compacted slots, updated by the Numba step; both against the HF reference."""
     from tests import hf_sparsek
 
     prompt, got = random_run
-    assert random_engine.apply_model(
-        lambda m: m.model.layers[0].self_attn.attn.impl._sparsek_kernels) == ["numba"]
+    impl = random_engine.apply_model(
+        lambda m: (m.model.layers[0].self_attn.attn.impl._sparsek_kernels,
+                   m.model.layers[0].self_attn.attn.impl.sparsek._admit_step.__name__))
+    assert impl == [("numba", "cpu_sparsek_admit")]
     rows, oracle = hf_sparsek.score(tiny_model, random_scorer(), K, prompt, got["tokens"][0])
     for token, logprob, (ref_logprob, ref_argmax, margin) in zip(
             got["tokens"][0], got["logprobs"][0], rows):

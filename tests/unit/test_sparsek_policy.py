@@ -41,13 +41,14 @@ def _setup(n, ties, seed=0):
     return key, value, (weight, bias, slope), u, cache, table
 
 
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("k,window,prompt", [(5, 3, 20), (5, 3, 4), (1, 0, 9), (8, 6, 30),
                                               (12, 2, 6)])
-def test_decode_equals_rule_on_full_context(k, window, prompt, ties):
+def test_decode_equals_rule_on_full_context(k, window, prompt, ties, kernels):
     n = prompt + 40
     key, value, params, u, cache, table = _setup(n, ties)
-    policy = SparseKPolicy(*params, k, window)
+    policy = SparseKPolicy(*params, k, window, kernels=kernels)
     request = ("r", 0)
     policy.begin_prefill(request, 0, prompt)
     original = torch.cat([key, value], -1)                                      # [H, n, 2D]
@@ -82,13 +83,15 @@ def test_decode_equals_rule_on_full_context(k, window, prompt, ties):
         assert freed.any()
 
 
-def test_live_scores_stay_near_k_and_tau_exact():
-    """Only scores above tau are kept, and tau equals SPARSEK over every candidate."""
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_live_scores_stay_near_k_and_tau_exact(kernels):
+    """The list holds exactly the candidate scores above z_(k+1) - 1, descending (a few
+    more than k here), and tau equals SPARSEK over every candidate."""
     from vllm_sparse.kernels.sparsek_topk import sparsek
 
     n, k, window = 200, 6, 4
     key, value, params, u, cache, table = _setup(n, ties=False, seed=3)
-    policy = SparseKPolicy(*params, k, window)
+    policy = SparseKPolicy(*params, k, window, kernels=kernels)
     policy.begin_prefill(("r", 0), 0, 50)
     for i in range(50, n):
         policy.decode(("r", 0), i, cache, table)
@@ -96,7 +99,18 @@ def test_live_scores_stay_near_k_and_tau_exact():
     c = n - 1 - window + 1
     _, tau = sparsek(u[:, :c].double(), k, kernels="torch", return_tau=True)
     torch.testing.assert_close(state.tau, tau.float(), atol=1e-6, rtol=0)
-    assert state.live.shape[1] < c / 4
+    candidates = u[:, :c].double().sort(dim=1, descending=True).values
+    for h in range(HEADS):
+        want = candidates[h][candidates[h] > candidates[h, k] - 1]
+        assert torch.equal(state.live[h, :state.live_len[h]], want)
+        assert (state.live[h, state.live_len[h]:] == float("-inf")).all()
+    assert int(state.live_len.max()) < c / 4
+
+
+def test_unknown_kernels_refused():
+    params = _setup(8, ties=False)[2]
+    with pytest.raises(ValueError, match="kernels='triton'; allowed: numba, torch"):
+        SparseKPolicy(*params, 4, 2, kernels="triton")
 
 
 def test_lost_state_and_multi_token_decode_are_refused():

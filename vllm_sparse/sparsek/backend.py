@@ -81,7 +81,8 @@ class SparseKImpl(EvictingImpl):
 
     def _bind_policy(self, index: int, device: torch.device) -> None:
         weight, bias, slope = (t[self.heads].to(device) for t in self.weights.layer(index))
-        self.sparsek = SparseKPolicy(weight, bias, slope, self.k, self.window)
+        self.sparsek = SparseKPolicy(weight, bias, slope, self.k, self.window,
+                                     kernels="numba" if self.mechanism.name == "numba" else "torch")
         # prefill's rule: the Numba sweep on a CPU, SPARSEK's Triton kernel on CUDA
         self._sparsek_kernels = {"torch": "torch", "numba": "numba"}.get(self.mechanism.name,
                                                                           "auto")

@@ -19,8 +19,12 @@ the youngest on ties) when its score is strictly greater, by copying its K/V int
 slot; a replaced token never returns (the k-th best candidate only improves). Prefill (a
 multi-token step) happens before compaction, on the tokens at their own positions.
 
-tau only ever grows as candidates join, so a candidate with u <= tau has p = 0 for good:
-`live` keeps only the scores above tau (at least the k kept ones) to re-solve tau exactly.
+tau only ever grows as candidates join, and so does z_(k+1) (the (k+1)-th best candidate
+score), and tau >= z_(k+1) - 1: a candidate with u <= z_(k+1) - 1 has p = 0 for good.
+`live` keeps, descending, only the scores above that line (at least k + 1) to solve tau
+exactly (`kernels/cpu_sparsek_tau.py`). Each decode step's bookkeeping (slot replacement,
+list, tau) is `admit_torch`, or its Numba twin `kernels/cpu_sparsek_admit.py` with the
+Numba mechanism.
 """
 
 from dataclasses import dataclass
@@ -37,8 +41,9 @@ class RequestState:
 
     seq_len: context after the request's last step. compacted: slots in use (decode began).
     num_candidates: c of the last query. slot_pos [Hkv, k] int64 (-1: empty),
-    slot_u [Hkv, k] fp32 (-inf: empty). live [Hkv, n] fp32 (-inf padded): candidate scores
-    above tau. tau [Hkv] fp32 (-inf while c <= k).
+    slot_u [Hkv, k] fp32 (-inf: empty). live [Hkv, cap] float64, descending, -inf after
+    live_len [Hkv] int64: the candidate scores above z_(k+1) - 1. tau [Hkv] fp32 (-inf
+    while c <= k).
     """
 
     seq_len: int
@@ -47,6 +52,7 @@ class RequestState:
     slot_pos: torch.Tensor | None = None
     slot_u: torch.Tensor | None = None
     live: torch.Tensor | None = None
+    live_len: torch.Tensor | None = None
     tau: torch.Tensor | None = None
 
 
@@ -57,12 +63,21 @@ class SparseKPolicy:
     ----------
     weight : [Hkv, 2D], bias : [Hkv], slope : [Hkv]: this layer's scorer for this rank's heads.
     k : kept candidates per KV head (>= 1). window : always-attended recent tokens (W).
+    kernels : "numba" (a decode step's bookkeeping in `cpu_sparsek_admit`, CPU tensors) or
+    "torch" (its reference).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, slope: torch.Tensor, k: int,
-                 window: int):
+                 window: int, kernels: str = "torch"):
+        if kernels not in ("numba", "torch"):
+            raise ValueError(f"SparseKPolicy: kernels={kernels!r}; allowed: numba, torch")
         self.weight, self.bias, self.slope = weight, bias, slope
         self.k, self.window = k, window
+        self._admit_step = admit_torch
+        if kernels == "numba":                           # Numba: the CPU extra only
+            from vllm_sparse.kernels.cpu_sparsek_admit import cpu_sparsek_admit
+
+            self._admit_step = cpu_sparsek_admit
         self.requests: dict = {}
 
     @property
@@ -126,25 +141,44 @@ class SparseKPolicy:
         state.slot_pos = torch.full((self.num_kv_heads, k), -1, dtype=torch.long, device=device)
         state.slot_u = torch.full((self.num_kv_heads, k), float("-inf"), device=device)
         state.tau = torch.full((self.num_kv_heads,), float("-inf"), device=device)
+        u = torch.zeros(self.num_kv_heads, 0, device=device)
         if c:
             positions = torch.arange(c, device=device).expand(self.num_kv_heads, -1)
             key_, value = reference.gather_kv(kv_cache, block_table_row[None], positions[None])
             u = self.scores(key_[0], value[0], 0)                                     # [H, c]
             if c <= k:
                 state.slot_pos[:, :c], state.slot_u[:, :c] = positions, u
-                state.live = u
             else:
                 kept = (order_ranks(u) < k).nonzero()[:, 1].view(self.num_kv_heads, k)  # sorted
                 heads = torch.arange(self.num_kv_heads, device=device)[:, None].expand_as(kept)
                 slots = torch.arange(k, device=device).expand_as(kept)
                 reference.move_tokens(kv_cache, block_table_row, heads.flatten(), kept.flatten(),
                                       slots.flatten())
-                state.slot_pos, state.slot_u = kept, u.gather(1, kept)
-                state.live = u
-                self._solve_tau(state)
+                state.slot_pos, state.slot_u = kept.contiguous(), u.gather(1, kept)
+        self._start_live(state, u)
         if key is not None:
             self.requests[key] = state
         return state
+
+    def _start_live(self, state: RequestState, u: torch.Tensor) -> None:
+        """The near-tau list of the candidate scores u [Hkv, c], and tau when c > k."""
+        from vllm_sparse.kernels.sparsek_topk import sparsek
+
+        k, heads = self.k, self.num_kv_heads
+        live = u.double().sort(dim=1, descending=True).values
+        length = torch.full((heads,), live.shape[1], dtype=torch.long, device=live.device)
+        if live.shape[1] > k + 1:
+            length = torch.minimum(length, (live > live[:, k:k + 1] - 1).sum(dim=1))
+        capacity = int(length.max()) + k + 64                   # room for steps before growing
+        state.live = torch.full((heads, capacity), float("-inf"), dtype=torch.float64,
+                                device=live.device)
+        width = min(live.shape[1], capacity)
+        state.live[:, :width] = live[:, :width].masked_fill(
+            torch.arange(width, device=live.device) >= length[:, None], float("-inf"))
+        state.live_len = length
+        if live.shape[1] > k:
+            _, tau = sparsek(state.live, k, length, kernels="torch", return_tau=True)
+            state.tau = tau.float()
 
     def _admit(self, state: RequestState, j: int, kv_cache, block_table_row) -> None:
         """Token j leaves the window and becomes the newest candidate."""
@@ -154,34 +188,16 @@ class SparseKPolicy:
         position = torch.tensor([j], device=kv.device).expand(self.num_kv_heads, 1)
         key_, value = reference.gather_kv(kv, block_table_row[None], position[None])
         u = self.scores(key_[0], value[0], j)[:, 0]                                   # [H]
-        state.num_candidates = c = j + 1
-        state.live = u[:, None] if state.live is None else torch.cat([state.live, u[:, None]], 1)
-        if c <= self.k:
-            state.slot_pos[:, j], state.slot_u[:, j] = j, u
-            return
-        # worst kept token per head: lowest u, the youngest among equals
-        worst_u = state.slot_u.min(dim=1).values
-        tied = state.slot_u == worst_u[:, None]
-        worst = torch.where(tied, state.slot_pos, -1).argmax(dim=1)
-        heads = (u > worst_u).nonzero()[:, 0]
-        if heads.numel():
-            slots = worst[heads]
-            reference.move_tokens(kv, block_table_row, heads, torch.full_like(heads, j), slots)
-            state.slot_pos[heads, slots] = j
-            state.slot_u[heads, slots] = u[heads]
-        self._solve_tau(state)
-
-    def _solve_tau(self, state: RequestState) -> None:
-        """tau over the live candidate scores (exact: dropped ones had p = 0 for good),
-        then drop the scores at or below it."""
-        from vllm_sparse.kernels.sparsek_topk import sparsek
-
-        live = state.live.sort(dim=1, descending=True).values        # -inf padding last
-        lengths = (live > float("-inf")).sum(dim=1)
-        _, tau = sparsek(live.double(), self.k, lengths, kernels="torch", return_tau=True)
+        state.num_candidates = j + 1
+        if int(state.live_len.max()) >= state.live.shape[1]:                     # grow the list
+            state.live = torch.cat([state.live, torch.full_like(state.live, float("-inf"))], 1)
+        moved, tau = self._admit_step(state.live, state.live_len, state.slot_pos, state.slot_u,
+                                      u, j, self.k)
         state.tau = tau.float()
-        width = int((live > state.tau[:, None]).sum(dim=1).max())
-        state.live = live.masked_fill(live <= state.tau[:, None], float("-inf"))[:, :max(width, 1)]
+        heads = (moved >= 0).nonzero()[:, 0]
+        if heads.numel():
+            reference.move_tokens(kv, block_table_row, heads, torch.full_like(heads, j),
+                                  moved[heads])
 
     # ------------------------------------------------------------ eviction
     def evictable_pages(self, key, block_size: int, num_pages: int,
@@ -195,3 +211,43 @@ class SparseKPolicy:
             return out
         first = torch.arange(num_pages, device=device) * block_size
         return (first >= self.k) & (first + block_size <= state.seq_len - self.window)
+
+
+def admit_torch(live: torch.Tensor, live_len: torch.Tensor, slot_pos: torch.Tensor,
+                slot_u: torch.Tensor, u: torch.Tensor, j: int, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's bookkeeping in torch (any device; `kernels/cpu_sparsek_admit.py`
+    has the shapes and the in-place state): token j joins the candidates -> (moved [Hkv]
+    int64, tau [Hkv] float64). The worst kept token by a min and a tie-break, the near-tau
+    list by a sort, tau by `sparsek_topk`'s exact sort-based SPARSEK over the list."""
+    from vllm_sparse.kernels.sparsek_topk import sparsek
+
+    heads = torch.arange(u.shape[0], device=u.device)
+    moved = torch.full_like(live_len, -1)
+    if j < k:
+        slot_pos[:, j], slot_u[:, j] = j, u
+    else:
+        worst_u = slot_u.min(dim=1).values
+        tied = slot_u == worst_u[:, None]
+        worst = torch.where(tied, slot_pos, -1).argmax(dim=1)
+        better = u > worst_u
+        moved = torch.where(better, worst, moved)
+        slot_pos[heads[better], worst[better]] = j
+        slot_u[heads[better], worst[better]] = u[better]
+    # the list: insert, sort, keep what is above z_(k+1) - 1 (at least k + 1)
+    merged = torch.cat([live, u.double()[:, None]], dim=1)
+    merged[heads, live_len] = u.double()
+    merged[:, -1] = float("-inf")
+    merged = merged.sort(dim=1, descending=True).values[:, :live.shape[1]]
+    length = live_len + 1
+    if merged.shape[1] > k:
+        cut = torch.where(length > k + 1, merged[:, k] - 1, float("-inf"))
+        length = torch.minimum(length, (merged > cut[:, None]).sum(dim=1))
+    live.copy_(merged.masked_fill(torch.arange(live.shape[1], device=u.device) >= length[:, None],
+                                  float("-inf")))
+    live_len.copy_(length)
+    if j < k:
+        return moved, torch.full((u.shape[0],), float("-inf"), dtype=torch.float64,
+                                 device=u.device)
+    _, tau = sparsek(live, k, live_len, kernels="torch", return_tau=True)
+    return moved, tau
