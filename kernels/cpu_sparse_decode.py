@@ -15,6 +15,9 @@ Shapes (N sequences, Hq query heads, Hkv KV heads, D head size):
 * ``block_table`` [N, max_pages] int, ``seq_lens`` [N] int (the current token included)
 * ``selected``    [N, Hkv, S] int, -1 padded, unique per row
 * ``num_sink_tokens``, ``local_window``: int or [N] int
+* ``sink_weights`` (optional, this kernel only) [N, Hkv, S] fp32: value weights of the first
+  S sink tokens, applied after the softmax without renormalising (SparseK reads its k slots,
+  positions [0, m), as m weighted sinks)
 
 Why it exists: on a CPU the pure-torch path (``vllm_sparse.reference``) copies the
 selected K/V into a new tensor and then reads it twice; with a budget of a quarter of
@@ -41,9 +44,10 @@ _MODES = ("page", "token")
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _fold(kv, rows, num, q, m, l, acc, scores, bits):
+def _fold(kv, rows, num, q, m, l, acc, scores, bits, vw, weighted):
     """Fold the cache rows rows[:num] into the online softmax (m, l, acc) of the group's
-    queries q [G, D] (scale applied). kv is the cache as rows [R, 2D] (key, value): the
+    queries q [G, D] (scale applied); with `weighted`, token i's value is scaled by vw[i]
+    after the softmax (SparseK's p: the sum l is not). kv is the cache as rows [R, 2D] (key, value): the
     loops over the head dimension are unit-stride in a 2-D array, which Numba vectorises
     (flat 1-D indexing it does not). One rescale of acc per chunk, not per token, and four
     tokens per pass over the head dimension: each short inner loop costs its set-up and
@@ -83,6 +87,9 @@ def _fold(kv, rows, num, q, m, l, acc, scores, bits):
             total += scores[i]
         l[g] = total
         m[g] = new_max
+        if weighted:
+            for i in range(num):
+                scores[i] *= vw[i]
         for d in range(head_size):
             ag[d] *= alpha
         for i in range(0, four, 4):
@@ -100,9 +107,11 @@ def _fold(kv, rows, num, q, m, l, acc, scores, bits):
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _fold_range(kv, strides, block_size, table_row, head, lo, hi, q, m, l, acc, scores, bits,
-                rows):
+                rows, weights, vw):
     """Fold the tokens at logical positions [lo, hi) page by page; returns hi - lo.
-    strides: the (block, head, slot) strides of the cache in rows."""
+    strides: the (block, head, slot) strides of the cache in rows. weights [S]: value
+    weights of positions 0..S-1 (later ones 1; S = 0: none); vw: their per-chunk scratch."""
+    weighted = weights.shape[0] > 0
     pos = lo
     while pos < hi:
         page = pos // block_size
@@ -111,14 +120,18 @@ def _fold_range(kv, strides, block_size, table_row, head, lo, hi, q, m, l, acc, 
         base = table_row[page] * strides[0] + head * strides[1]
         for t in range(t0, t1):
             rows[t - t0] = base + t * strides[2]
-        _fold(kv, rows, t1 - t0, q, m, l, acc, scores, bits)
+        if weighted:
+            for t in range(t0, t1):
+                position = page * block_size + t
+                vw[t - t0] = weights[position] if position < weights.shape[0] else 1.0
+        _fold(kv, rows, t1 - t0, q, m, l, acc, scores, bits, vw, weighted)
         pos = page * block_size + t1
     return max(hi - lo, 0)
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _sparse_decode_kernel(query, kv, strides, block_size, block_table, seq_lens, selected,
-                          page_mode, sinks, window, scale, out, lse, counts):
+                          page_mode, sinks, window, sink_weights, scale, out, lse, counts):
     num_rows, num_heads, head_size = query.shape
     num_kv_heads = selected.shape[1]
     group = num_heads // num_kv_heads
@@ -138,9 +151,11 @@ def _sparse_decode_kernel(query, kv, strides, block_size, block_table, seq_lens,
         scores = np.empty(block_size, np.float32)
         bits = np.empty(block_size, np.int32)
         rows = np.empty(block_size, np.int64)
+        vw = np.empty(block_size, np.float32)
+        unweighted = sink_weights[n, h, :0]
         table = block_table[n]
         count = _fold_range(kv, strides, block_size, table, h, 0, sink_end, q, m, l, acc, scores,
-                            bits, rows)
+                            bits, rows, sink_weights[n, h], vw)
         pending = 0         # token mode: selected tokens gathered into `rows`, folded per chunk
         for i in range(selected.shape[2]):
             entry = selected[n, h, i]
@@ -150,21 +165,21 @@ def _sparse_decode_kernel(query, kv, strides, block_size, block_table, seq_lens,
                 count += _fold_range(kv, strides, block_size, table, h,
                                      max(entry * block_size, sink_end),
                                      min(entry * block_size + block_size, window_start),
-                                     q, m, l, acc, scores, bits, rows)
+                                     q, m, l, acc, scores, bits, rows, unweighted, vw)
             elif sink_end <= entry < window_start:
                 page = entry // block_size
                 rows[pending] = (table[page] * strides[0] + h * strides[1]
                                  + (entry - page * block_size) * strides[2])
                 pending += 1
                 if pending == block_size:
-                    _fold(kv, rows, pending, q, m, l, acc, scores, bits)
+                    _fold(kv, rows, pending, q, m, l, acc, scores, bits, vw, False)
                     count += pending
                     pending = 0
         if pending:
-            _fold(kv, rows, pending, q, m, l, acc, scores, bits)
+            _fold(kv, rows, pending, q, m, l, acc, scores, bits, vw, False)
             count += pending
         count += _fold_range(kv, strides, block_size, table, h, window_start, ctx, q, m, l, acc,
-                             scores, bits, rows)
+                             scores, bits, rows, unweighted, vw)
         counts[n, h] = count
         for g in range(group):
             if l[g] > 0:
@@ -197,13 +212,27 @@ def _per_row(value, num_rows: int) -> np.ndarray:
     return np.full(num_rows, int(value), dtype=np.int64)
 
 
+def _sink_weights(weights, num_rows: int, num_kv_heads: int) -> np.ndarray:
+    if weights is None:
+        return np.zeros((num_rows, num_kv_heads, 0), np.float32)
+    if weights.dim() != 3 or tuple(weights.shape[:2]) != (num_rows, num_kv_heads):
+        raise ValueError(f"cpu_sparse_paged_decode: sink_weights {tuple(weights.shape)}; "
+                         f"expected [{num_rows}, {num_kv_heads}, S]")
+    return weights.detach().to(torch.float32).contiguous().numpy()
+
+
 def cpu_sparse_paged_decode(query: torch.Tensor, kv_cache: torch.Tensor,
                             block_table: torch.Tensor, seq_lens: torch.Tensor,
                             selected: torch.Tensor, mode: str = "page",
                             num_sink_tokens: int | torch.Tensor = 0,
                             local_window: int | torch.Tensor = 0, scale: float | None = None,
-                            return_lse: bool = False):
+                            return_lse: bool = False,
+                            sink_weights: torch.Tensor | None = None):
     """Sparse paged decode on the CPU; see the module docstring.
+
+    sink_weights [N, Hkv, S] fp32 (optional, CPU only: SparseK's p): sink token i < S of
+    row n and KV head h has its value scaled by sink_weights[n, h, i] after the softmax,
+    without renormalising (sinks past S: weight 1); nothing else is weighted.
 
     Returns (out [N, Hq, D] fp32, attended [N, Hkv] int64: tokens each (sequence, KV head)
     attended), plus lse [N, Hq] fp32 when `return_lse`.
@@ -231,5 +260,6 @@ def cpu_sparse_paged_decode(query: torch.Tensor, kv_cache: torch.Tensor,
             block_table.to(torch.int64).numpy(), seq_lens.to(torch.int64).numpy(),
             selected.to(torch.int64).numpy(), mode == "page",
             _per_row(num_sink_tokens, num_rows), _per_row(local_window, num_rows),
-            np.float32(scale), out.numpy(), lse.numpy(), counts.numpy())
+            _sink_weights(sink_weights, num_rows, num_kv_heads), np.float32(scale), out.numpy(),
+            lse.numpy(), counts.numpy())
     return (out, counts, lse) if return_lse else (out, counts)

@@ -12,6 +12,7 @@
   freed page is filled with NaN at once, so any read of one would wreck the output;
 * KV held per request stays bounded as generation grows: a 2K prompt and 2K generated
   tokens, blocks held read from the scheduler's own block pool after every engine step;
+* kernels="torch" and the Numba kernels give the same outputs and counts;
 * a forced preemption mid-generation (vLLM recomputes the request as a prefill, by the
   same rule) leaves the outputs unchanged;
 * bad configurations fail at start-up, naming the bad value and the allowed ones.
@@ -52,7 +53,7 @@ def scorer_file(tmp_path_factory):
     return path
 
 
-def _sparsek(model, scorer_path, budget=BUDGET, window=None, **kwargs):
+def _sparsek(model, scorer_path, budget=BUDGET, window=None, kernels="auto", **kwargs):
     from vllm import LLM
 
     kwargs.setdefault("max_model_len", 2048)
@@ -60,7 +61,8 @@ def _sparsek(model, scorer_path, budget=BUDGET, window=None, **kwargs):
     return LLM(model=model, dtype="float32", enforce_eager=True, seed=0, block_size=BLOCK,
                attention_backend="sparsek", enable_prefix_caching=False,
                disable_log_stats=False,
-               additional_config={"vllm_sparse": {"budget": budget, "sparsek": sparsek}},
+               additional_config={"vllm_sparse": {"budget": budget, "sparsek": sparsek,
+                                                  "kernels": kernels}},
                **kwargs)
 
 
@@ -107,6 +109,25 @@ def test_window_from_config_equals_hf_reference(tiny_model, scorer_file, window)
         assert token == ref_argmax or margin < LOGPROB_ATOL
     steps = len(got["tokens"][0]) - 1
     assert got["attended"] == sum(oracle.attended) == steps * 4 * 2 * (K + 16)
+
+
+def test_torch_mechanism_equals_numba(tiny_model, scorer_file):
+    """kernels="torch" (the torch rule, step and gathered decode) and kernels="auto" (the
+    Numba ones on this CPU) give the same tokens, log-probs and attended counts, prefill
+    and decode, with two requests in one batch."""
+    prompts = [ev._prompt_ids(tiny_model, 20000, 700), ev._prompt_ids(tiny_model, 3000, 300)]
+    runs = {}
+    for kernels in ("torch", "auto"):
+        llm = _sparsek(tiny_model, scorer_file, kernels=kernels)
+        runs[kernels] = counted_run(llm, prompts, 24)
+        runs[kernels]["mechanism"] = llm.apply_model(
+            lambda m: m.model.layers[0].self_attn.attn.impl.mechanism.name)
+        del llm
+    assert runs["torch"]["mechanism"] == ["torch"] and runs["auto"]["mechanism"] == ["numba"]
+    assert runs["auto"]["tokens"] == runs["torch"]["tokens"]
+    for a, b in zip(runs["auto"]["logprobs"], runs["torch"]["logprobs"]):
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert runs["auto"]["attended"] == runs["torch"]["attended"] > 0
 
 
 @pytest.fixture(scope="module")

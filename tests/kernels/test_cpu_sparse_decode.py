@@ -68,6 +68,46 @@ def test_per_row_sinks_and_window_and_scale(mode):
         assert torch.equal(attended[i:i + 1], ref_attended.long())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("hq,hkv", GQA)
+def test_sink_weights_equal_weighted_gather_attention(hq, hkv, layout):
+    """SparseK's read set: per-row sinks [0, m) with per-head value weights (some sinks past
+    the weights' width, weight 1) and a window, against gathering those tokens and
+    `reference.attend` with value weights; weights of 1 give the unweighted kernel."""
+    from vllm_sparse import reference
+
+    lens = SEQ_LENS[:3]
+    query, kv_cache, block_table, seq_lens = decode_inputs(lens, hq, hkv, torch.float32,
+                                                           layout=layout, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    sinks, window = torch.tensor([1, 20, 48]), torch.tensor([4, 8, 40])
+    weights = torch.rand(3, hkv, 40, generator=gen)                # row 2: sinks 40..47 at 1
+    empty = torch.zeros(3, hkv, 0, dtype=torch.long)
+    out, attended = cpu_sparse_paged_decode(query, kv_cache, block_table, seq_lens, empty,
+                                            "token", sinks, window, sink_weights=weights)
+    for i, t_len in enumerate(lens):
+        m = min(int(sinks[i]), t_len)
+        positions = torch.cat([torch.arange(m), torch.arange(max(m, t_len - int(window[i])),
+                                                             t_len)])
+        w = torch.cat([torch.nn.functional.pad(weights[i], (0, 48), value=1.0)[:, :m],
+                       torch.ones(hkv, len(positions) - m)], 1)
+        key, value = reference.gather_kv(kv_cache, block_table[i:i + 1],
+                                         positions.expand(1, hkv, -1))
+        valid = torch.ones(1, hkv, len(positions), dtype=torch.bool)
+        want = reference.attend(query[i:i + 1], key, value, valid, HEAD_DIM ** -0.5, w[None])[0]
+        torch.testing.assert_close(out[i:i + 1], want, **TOL)
+        assert attended[i].tolist() == [len(positions)] * hkv
+    plain = cpu_sparse_paged_decode(query, kv_cache, block_table, seq_lens, empty, "token",
+                                    sinks, window)[0]
+    ones = cpu_sparse_paged_decode(query, kv_cache, block_table, seq_lens, empty, "token",
+                                   sinks, window, sink_weights=torch.ones(3, hkv, 48))[0]
+    torch.testing.assert_close(ones, plain, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out, plain, atol=1e-3)
+    with pytest.raises(ValueError, match=r"sink_weights \(3, 2\); expected \[3, "):
+        cpu_sparse_paged_decode(query, kv_cache, block_table, seq_lens, empty, "token", sinks,
+                                window, sink_weights=torch.ones(3, 2))
+
+
 def test_everything_selected_is_dense_attention():
     """Every page selected (the backend's dense rows) equals SDPA over the whole context."""
     seq_lens = [70, 150]

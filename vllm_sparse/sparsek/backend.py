@@ -12,10 +12,12 @@ only the slots and the window, never a freed page.
 
 The scorer file is loaded and checked against the model at start-up (layers, KV heads,
 head size); the window W is `sparsek.window` if set, else the file's; k = budget - W.
-Mechanism: pure torch (gathers and einsum) on every device; prefill's rule (top-k and
-SPARSEK per query) runs as one Numba sweep per KV head with the Numba mechanism (a CPU with a
-float32 cache, `kernels/cpu_sparsek_rule.py`) and through SPARSEK's Triton kernel on CUDA; K/V
-writes use the Triton kernel on CUDA.
+Mechanism: with the Numba mechanism (a CPU with a float32 cache) prefill's rule (top-k and
+SPARSEK per query) is one Numba sweep per KV head (`kernels/cpu_sparsek_rule.py`), each decode
+step's bookkeeping one Numba call (`kernels/cpu_sparsek_admit.py`), and decode reads the slots
+and the window in place (`kernels/cpu_sparse_decode.py` with value-weighted sinks); otherwise
+pure torch (gathers and einsum), with SPARSEK's Triton kernel for prefill's rule and the Triton
+K/V write on CUDA.
 """
 
 import functools
@@ -117,32 +119,53 @@ class SparseKImpl(EvictingImpl):
         out[start:end] = result.transpose(0, 1)
 
     def _decode(self, query, kv_cache, md: SparseMetadata, out) -> None:
-        """Decode rows attend their slots (weights p) and their window (weight 1)."""
+        """Decode rows attend their slots (weights p) and their window (weight 1): the
+        slots are the first m positions, so with the Numba mechanism this is the CPU sparse
+        decode with m sinks, value-weighted, and the window, read in place; otherwise
+        gathers and `reference.attend`."""
         rows = md.decode_rows.tolist()
-        window = self.sparsek.window
-        lists, weights = [], []
-        for r in rows:
-            position = md.seq_lens_cpu[r] - 1
-            m, slot_weights = self.sparsek.decode(md.request_key(r), position, kv_cache,
-                                                  md.block_table[r])
-            recent = torch.arange(max(m, position - window + 1), position + 1,
-                                  device=query.device)
-            lists.append(torch.cat([torch.arange(m, device=query.device), recent]))
-            weights.append(torch.cat([slot_weights,
-                                      slot_weights.new_ones(self.num_kv_heads, len(recent))], 1))
-        width = max(len(t) for t in lists)
-        positions = torch.zeros(len(rows), self.num_kv_heads, width, dtype=torch.long,
-                                device=query.device)
-        value_weights = torch.zeros(len(rows), self.num_kv_heads, width, device=query.device)
-        valid = torch.zeros(len(rows), self.num_kv_heads, width, dtype=torch.bool,
-                            device=query.device)
-        for i, (t, w) in enumerate(zip(lists, weights)):
-            positions[i, :, : len(t)], value_weights[i, :, : len(t)] = t, w
-            valid[i, :, : len(t)] = True
+        slots = [self.sparsek.decode(md.request_key(r), md.seq_lens_cpu[r] - 1, kv_cache,
+                                     md.block_table[r]) for r in rows]
+        seq_lens = md.seq_lens[md.decode_rows]
+        if self.mechanism.name == "numba":
+            from vllm_sparse.kernels.cpu_sparse_decode import cpu_sparse_paged_decode
+
+            width = max(m for m, _ in slots)
+            weights = torch.ones(len(rows), self.num_kv_heads, width)
+            for i, (m, slot_weights) in enumerate(slots):
+                weights[i, :, :m] = slot_weights
+            result, attended = cpu_sparse_paged_decode(
+                query[md.decode_token_index], kv_cache, md.block_table[md.decode_rows], seq_lens,
+                torch.zeros(len(rows), self.num_kv_heads, 0, dtype=torch.long), "token",
+                torch.tensor([m for m, _ in slots]), self.sparsek.window, self.scale,
+                sink_weights=weights)
+            out[md.decode_token_index] = result
+            self._count(attended, seq_lens, 0)
+            return
+        positions, value_weights, valid = self._read_set(slots, seq_lens.tolist(), query.device)
         key, value = reference.gather_kv(kv_cache, md.block_table[md.decode_rows], positions)
         out[md.decode_token_index] = reference.attend(query[md.decode_token_index], key, value,
                                                       valid, self.scale, value_weights)[0]
-        self._count(valid.sum(-1), md.seq_lens[md.decode_rows], 0)
+        self._count(valid.sum(-1), seq_lens, 0)
+
+    def _read_set(self, slots, seq_lens, device):
+        """(positions, value weights, valid) [rows, Hkv, width] of each decode row: its m
+        slots (weights p) then its window (weight 1)."""
+        window = self.sparsek.window
+        lists, weights = [], []
+        for (m, slot_weights), seq_len in zip(slots, seq_lens):
+            recent = torch.arange(max(m, seq_len - window), seq_len, device=device)
+            lists.append(torch.cat([torch.arange(m, device=device), recent]))
+            weights.append(torch.cat([slot_weights,
+                                      slot_weights.new_ones(self.num_kv_heads, len(recent))], 1))
+        shape = (len(lists), self.num_kv_heads, max(len(t) for t in lists))
+        positions = torch.zeros(shape, dtype=torch.long, device=device)
+        value_weights = torch.zeros(shape, device=device)
+        valid = torch.zeros(shape, dtype=torch.bool, device=device)
+        for i, (t, w) in enumerate(zip(lists, weights)):
+            positions[i, :, : len(t)], value_weights[i, :, : len(t)] = t, w
+            valid[i, :, : len(t)] = True
+        return positions, value_weights, valid
 
 
 class SparseKBackend(EvictingBackend):
