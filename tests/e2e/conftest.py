@@ -6,6 +6,16 @@ import gc
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def collect_dropped_engines():
+    """Collects the engines a test dropped as it ends: an in-process engine's shutdown tears
+    down vLLM's global parallel state, so it must not run later, under the next test's engine
+    (in CI an unlucky collection did that: "pipeline model parallel group is not
+    initialized")."""
+    yield
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tp1_run(tiny_model, tmp_path_factory):
     """method -> its TP=1 run of `test_tensor_parallel.METHODS[method]` (tokens, layer stats),

@@ -16,6 +16,7 @@ KV-cache manager returns the pages to vLLM's block pool while requests run.
 """
 
 import contextlib
+import gc
 
 import pytest
 
@@ -147,6 +148,7 @@ def test_kv_held_stays_bounded_and_outputs_match(tiny_model, evicting_backend):
     dense = _llm(tiny_model, "radar")
     want, dense_held = _run(dense, ids, generated)
     del dense
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
     # without eviction the request holds every page of its context
     assert dense_held[0] == -(-prompt // BLOCK)
     assert max(dense_held) == -(-(prompt + generated - 1) // BLOCK)
@@ -174,6 +176,7 @@ def test_a_premature_free_changes_the_output(tiny_model, evicting_backend, monke
     dense = _llm(tiny_model, "radar", additional_config=None)
     assert _run(dense, ids, generated)[0] != want
     del dense
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
 
     evictable = streaming.streaming_evictable
     monkeypatch.setattr(streaming, "streaming_evictable",

@@ -2,6 +2,8 @@
 """The Triton kernels inside the real engine (under TRITON_INTERPRET=1 on CPU), and the Numba
 CPU kernels, give the same tokens and the same attended-token counts as the torch path."""
 
+import gc
+
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -29,6 +31,7 @@ def _run(model, kernels, backend="radar"):
     logprobs = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                 for o in outs]
     del llm
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
     return mechanism[0], tokens, logprobs, stats
 
 

@@ -15,6 +15,8 @@
   the other, NAtS runs them all at once with the same outputs as in a large pool.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -128,6 +130,7 @@ def test_all_global_equals_dense_backend(tiny_model, gate_files):
                 enable_prefix_caching=False, disable_log_stats=False)
     want = _run(dense, prompts, 32)
     del dense
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
     llm = _nats(tiny_model, gate_files["global"], block_size=32, max_num_batched_tokens=256)
     got = _run(llm, prompts, 32)
     stats = _stats(llm)
@@ -139,6 +142,7 @@ def test_all_global_equals_dense_backend(tiny_model, gate_files):
     assert _evicted(llm) == 0
     assert all(s.attended_tokens == s.context_tokens and s.queries for s in stats)
     del llm
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +150,7 @@ def random_engine(tiny_model, gate_files):
     llm = _nats(tiny_model, gate_files["random"])
     yield llm
     del llm
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
 
 
 def counted_run(llm, prompts, max_tokens):
@@ -228,6 +233,7 @@ def test_pool_too_small_for_dense(tiny_model, gate_files, random_engine):
         results[name] = _run(llm, prompts, POOL_NEW_TOKENS)
         results[name]["evicted"] = _evicted(llm)
         del llm
+        gc.collect()  # now, not later under the next engine (its shutdown resets global state)
     dense, nats = results["global"], results["random"]
     for name, r in results.items():
         print(f"\npool of {SMALL_POOL} blocks, requests needing {need} blocks densely, "

@@ -10,6 +10,8 @@ per-request state, which must follow each request and never leak to another). Af
 preemption vLLM recomputes the generated tokens as a prefill; the backend replays them
 as the decode steps they were (it learns the prompt length from `runner_patch`)."""
 
+import gc
+
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -56,6 +58,7 @@ def alone(tiny_model, method):
     llm = _llm(tiny_model, method, enable_prefix_caching=False)
     result = [_tokens(llm, [p])[0] for p in _prompts()]
     del llm
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
     dense_llm = _llm(tiny_model, method, enable_prefix_caching=False,
                      additional_config={"vllm_sparse": dict(METHODS[method], budget=1.0)})
     assert _tokens(dense_llm, _prompts()[:1])[0] != result[0], "budget too large to test anything"

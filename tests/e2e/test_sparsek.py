@@ -18,6 +18,8 @@
 * bad configurations fail at start-up, naming the bad value and the allowed ones.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -76,6 +78,7 @@ def test_k_above_context_equals_dense_backend(tiny_model, scorer_file):
                 enable_prefix_caching=False, disable_log_stats=False)
     want = _run(dense, prompts, 32)
     del dense
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
     llm = _sparsek(tiny_model, scorer_file, budget=4096, max_num_batched_tokens=256)
     got = _run(llm, prompts, 32)
     assert llm.apply_model(lambda m: m.model.layers[0].self_attn.attn.attn_backend.get_name()) \
@@ -87,6 +90,7 @@ def test_k_above_context_equals_dense_backend(tiny_model, scorer_file):
     assert all(s.attended_tokens == s.context_tokens and s.queries for s in stats)
     assert ev._evicted(llm) == 0
     del llm
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
 
 
 @pytest.mark.parametrize("window", [16, 0.25])
@@ -101,6 +105,7 @@ def test_window_from_config_equals_hf_reference(tiny_model, scorer_file, window)
     prompt = ev._prompt_ids(tiny_model, 20000, 700)
     got = counted_run(llm, [prompt], 24)
     del llm
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
     rows, oracle = hf_sparsek.score(tiny_model, random_scorer(window=16), K, prompt,
                                     got["tokens"][0])
     for token, logprob, (ref_logprob, ref_argmax, margin) in zip(
@@ -123,6 +128,7 @@ def test_torch_mechanism_equals_numba(tiny_model, scorer_file):
         runs[kernels]["mechanism"] = llm.apply_model(
             lambda m: m.model.layers[0].self_attn.attn.impl.mechanism.name)
         del llm
+        gc.collect()  # now, not later under the next engine (its shutdown resets global state)
     assert runs["torch"]["mechanism"] == ["torch"] and runs["auto"]["mechanism"] == ["numba"]
     assert runs["auto"]["tokens"] == runs["torch"]["tokens"]
     for a, b in zip(runs["auto"]["logprobs"], runs["torch"]["logprobs"]):
@@ -135,6 +141,7 @@ def random_engine(tiny_model, scorer_file):
     llm = _sparsek(tiny_model, scorer_file, max_model_len=4096)
     yield llm
     del llm
+    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
 
 
 @pytest.fixture(scope="module")
