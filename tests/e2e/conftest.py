@@ -8,10 +8,12 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def collect_dropped_engines():
-    """Collects the engines a test dropped as it ends: an in-process engine's shutdown tears
-    down vLLM's global parallel state, so it must not run later, under the next test's engine
-    (in CI an unlucky collection did that: "pipeline model parallel group is not
-    initialized")."""
+    """Collects dropped engines before and after each test: an in-process engine's shutdown
+    tears down vLLM's global parallel state, so it must not run later, under another test's
+    engine (in CI an unlucky collection did that: "pipeline model parallel group is not
+    initialized"). vLLM's gc.freeze() at engine start-up hides older garbage from the
+    collector until that engine's shutdown unfreezes it."""
+    gc.collect()
     yield
     gc.collect()
 
