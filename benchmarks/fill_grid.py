@@ -15,10 +15,10 @@ only the tasks dense keeps are run for the others). Perplexity jobs reuse the st
 of their context (its number of windows); a context without one gets a dense job first.
 
 Costs are estimates fitted to this session's runs on the 2-core CPU (a prompt of C tokens costs
-about 15 s × (C / 4096)^1.5 for dense, NAtS's prefill about 2.5× that and SparseK's (its
-Numba prefill rule, since 2026-12-07) about 1.8× (1× to 2.6× from budget 12.5% to 50%); a perplexity window in evaluation mode (Radar, StreamingLLM,
-Recycled) about 1 + 1.5 C / 4096 times a dense one, Recycled's 1.6× more), used to order the
-jobs and to stop before one would overrun
+about 15 s × (C / 4096)^1.5 for dense, NAtS's prefill about 2.5× that and SparseK's (its Numba
+prefill rule, since 2026-12-07) about 1.8× (1× to 2.6× from budget 12.5% to 50%); a perplexity
+window in evaluation mode (Radar, StreamingLLM, Recycled) about 1 + 1.5 C / 4096 times a dense
+one, Recycled's 1.6× more), used to order the jobs and to stop before one would overrun
 --hours; the jobs' real durations are printed. A dense task job runs only the tasks whose dense
 cell is missing or short of samples, and is estimated at every sample of each, an upper bound:
 quality.py stops a task once dense cannot reach the filter.

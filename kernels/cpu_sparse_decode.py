@@ -47,10 +47,10 @@ _MODES = ("page", "token")
 def _fold(kv, rows, num, q, m, l, acc, scores, bits, vw, weighted):
     """Fold the cache rows rows[:num] into the online softmax (m, l, acc) of the group's
     queries q [G, D] (scale applied); with `weighted`, token i's value is scaled by vw[i]
-    after the softmax (SparseK's p: the sum l is not). kv is the cache as rows [R, 2D] (key, value): the
-    loops over the head dimension are unit-stride in a 2-D array, which Numba vectorises
-    (flat 1-D indexing it does not). One rescale of acc per chunk, not per token, and four
-    tokens per pass over the head dimension: each short inner loop costs its set-up and
+    after the softmax (SparseK's p: the sum l is not). kv is the cache as rows [R, 2D] (key,
+    value): the loops over the head dimension are unit-stride in a 2-D array, which Numba
+    vectorises (flat 1-D indexing it does not). One rescale of acc per chunk, not per token,
+    and four tokens per pass over the head dimension: each short inner loop costs its set-up and
     alias checks once per four tokens, and acc is loaded and stored once per four (1.7x
     faster than one token per pass at 7.5K context, batch 8). The exponentials go through
     `exp_shifted` (vectorised; libm's scalar expf was the fold's largest cost); `bits` is

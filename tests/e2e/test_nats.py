@@ -142,7 +142,6 @@ def test_all_global_equals_dense_backend(tiny_model, gate_files):
     assert _evicted(llm) == 0
     assert all(s.attended_tokens == s.context_tokens and s.queries for s in stats)
     del llm
-    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,6 @@ def test_k_above_context_equals_dense_backend(tiny_model, scorer_file):
     assert all(s.attended_tokens == s.context_tokens and s.queries for s in stats)
     assert ev._evicted(llm) == 0
     del llm
-    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
 
 
 @pytest.mark.parametrize("window", [16, 0.25])
@@ -105,7 +104,6 @@ def test_window_from_config_equals_hf_reference(tiny_model, scorer_file, window)
     prompt = ev._prompt_ids(tiny_model, 20000, 700)
     got = counted_run(llm, [prompt], 24)
     del llm
-    gc.collect()  # now, not later under the next engine (its shutdown resets global state)
     rows, oracle = hf_sparsek.score(tiny_model, random_scorer(window=16), K, prompt,
                                     got["tokens"][0])
     for token, logprob, (ref_logprob, ref_argmax, margin) in zip(
